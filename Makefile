@@ -1,0 +1,55 @@
+# alexops: `make run` installs and runs the pipeline; `make test` installs and tests.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed-stamp
+MIRROR := /usr/share/datasets/fashion-mnist
+
+.PHONY: install mirror run flow test lint format bench mlflow-ui clean
+
+install: $(STAMP)
+
+# constraints.txt pins the whole dependency tree, so every machine installs the same set
+$(STAMP): pyproject.toml constraints.txt
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -c constraints.txt -e '.[dev]'
+	touch $@
+
+# The offline Fashion-MNIST mirror (Debian package), installed where we are root with apt.
+mirror:
+	@if [ -d $(MIRROR) ]; then \
+	  echo "mirror: $(MIRROR) present"; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	  (apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist >/dev/null) \
+	    && echo "mirror: installed dataset-fashion-mnist" \
+	    || echo "mirror: apt-get failed; fetch will use the official URLs"; \
+	else \
+	  echo "mirror: not root or no apt-get; fetch will use the official URLs"; \
+	fi
+
+run: install mirror
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/dvc repro
+	@PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/dvc metrics show
+	@$(BIN)/python -c "import json; r = json.load(open('reports/fashion-mnist/register.json')); \
+	  e = json.load(open('reports/fashion-mnist/evaluate.json')); \
+	  print(f\"test accuracy {e['accuracy']:.4f}; registered {r['model_name']} v{r['version']} @{r['alias']}\")"
+
+flow: install mirror
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m pipeline.flows
+
+test: install
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m pytest
+
+lint: install
+	$(BIN)/ruff check src tests pipeline benchmarks
+	$(BIN)/ruff format --check src tests pipeline benchmarks
+
+format: install
+	$(BIN)/ruff format src tests pipeline benchmarks
+	$(BIN)/ruff check --fix src tests pipeline benchmarks
+
+mlflow-ui: install
+	$(BIN)/mlflow ui --backend-store-uri sqlite:///mlflow.db --host 127.0.0.1 --port 5000
+
+clean:
+	rm -rf data artifacts mlruns mlflow.db

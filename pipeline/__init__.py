@@ -1,0 +1,1 @@
+"""Prefect orchestration of the alexops stages (dvc.yaml stays the one DAG definition)."""

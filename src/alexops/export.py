@@ -1,0 +1,99 @@
+"""Stage `export`: ONNX with a dynamic batch axis, checked against PyTorch in onnxruntime.
+
+The model's metadata carries what a server needs to use it without this code base:
+class names and the preprocessing recipe. The stage fails, and writes no model, when
+onnxruntime and PyTorch disagree by more than export.tolerance at batch 1 or batch N.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import warnings
+
+import numpy as np
+import onnx
+import torch
+
+from alexops import files, tracking
+from alexops.errors import AlexopsError
+from alexops.model import load_trained
+from alexops.params import Params
+from alexops.paths import Paths
+
+INPUT_NAME = "image"
+OUTPUT_NAME = "logits"
+PARITY_BATCHES = (1, 7)  # batch 1 and a batch that is not the traced one
+
+
+def to_onnx(model: torch.nn.Module, example: torch.Tensor, opset: int) -> onnx.ModelProto:
+    """Export in eval mode (dropout off) with the batch dimension left dynamic."""
+    model.eval()
+    batch = torch.export.Dim("batch", min=1, max=65536)
+    logging.getLogger("torch.onnx").setLevel(logging.ERROR)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        program = torch.onnx.export(
+            model,
+            (example,),
+            dynamo=True,
+            opset_version=opset,
+            input_names=[INPUT_NAME],
+            output_names=[OUTPUT_NAME],
+            dynamic_shapes={"x": {0: batch}},
+            verbose=False,
+        )
+    return program.model_proto
+
+
+def add_metadata(proto: onnx.ModelProto, classes: list[str], recipe: dict, extra: dict) -> None:
+    entries = {
+        "classes": json.dumps(classes),
+        "preprocessing": json.dumps(recipe),
+        "output": "logits; apply softmax over the last axis for probabilities",
+        **{k: str(v) for k, v in extra.items()},
+    }
+    for key, value in entries.items():
+        proto.metadata_props.append(onnx.StringStringEntryProto(key=key, value=value))
+    proto.producer_name = "alexops"
+    proto.doc_string = "AlexNet (Krizhevsky, Sutskever, Hinton 2012) trained by alexops"
+
+
+def parity(proto: onnx.ModelProto, model: torch.nn.Module, shape: tuple, seed: int) -> dict[int, float]:
+    """Max |onnxruntime − PyTorch| on the logits for each of PARITY_BATCHES."""
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
+    generator = torch.Generator().manual_seed(seed)
+    diffs = {}
+    for n in PARITY_BATCHES:
+        x = torch.randn(n, *shape, generator=generator)
+        with torch.no_grad():
+            expected = model(x).numpy()
+        got = session.run([OUTPUT_NAME], {INPUT_NAME: x.numpy()})[0]
+        diffs[n] = float(np.abs(got - expected).max())
+    return diffs
+
+
+def run(params: Params, paths: Paths) -> None:
+    model, config, recipe, classes = load_trained(paths.model, "cpu")
+    shape = (config["in_channels"], config["image_size"], config["image_size"])
+    example = torch.zeros(2, *shape)  # traced at batch 2 so that the batch axis stays symbolic
+    proto = to_onnx(model, example, params.export.opset)
+    add_metadata(proto, classes, recipe.as_dict(), {"width": config["width"], "dataset": params.base.dataset})
+    onnx.checker.check_model(proto)
+    diffs = parity(proto, model, shape, params.base.seed)
+    worst = max(diffs.values())
+    if worst > params.export.tolerance:
+        raise AlexopsError(
+            f"onnxruntime disagrees with PyTorch: max |diff| {worst:.2e} > export.tolerance "
+            f"{params.export.tolerance:g} (per batch size: {diffs}). No ONNX file was written. "
+            "Fix: report it with the torch/onnxruntime versions, or try another export.opset."
+        )
+    files.write_bytes(paths.onnx, proto.SerializeToString())
+    report = {f"parity_max_abs_diff_batch{n}": d for n, d in diffs.items()}
+    report |= {"parity_passed": True, "onnx_bytes": paths.onnx.stat().st_size, "opset": params.export.opset}
+    files.write_json(paths.reports / "export.json", report)
+    with tracking.continue_run(paths) as mlflow:
+        mlflow.log_metrics({k: float(v) for k, v in report.items()})
+    print(f"export: {paths.onnx} ({report['onnx_bytes'] / 1e6:.1f} MB), parity max |diff| {worst:.1e}")

@@ -1,0 +1,111 @@
+"""Everything MLflow: one run per pipeline run, opened by train and continued by the
+stages after it (separate processes under `dvc repro`) through the run id in
+`artifacts/<dataset>/mlflow_run.json`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from alexops import files
+from alexops.errors import AlexopsError
+from alexops.params import Params
+from alexops.paths import Paths
+
+PREFECT_FLOW_RUN_ENV = "ALEXOPS_PREFECT_FLOW_RUN_ID"
+
+
+def tracking_uri(root: Path) -> str:
+    """`MLFLOW_TRACKING_URI` when set, else the SQLite store in the project root."""
+    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path(root).resolve()}/mlflow.db"
+
+
+def _mlflow(root: Path):
+    # Imported here: MLflow takes seconds to import and most commands never need it.
+    logging.getLogger("alembic").setLevel(logging.WARNING)
+    import mlflow
+
+    mlflow.set_tracking_uri(tracking_uri(root))
+    return mlflow
+
+
+def _reachable(mlflow, root: Path) -> None:
+    try:
+        mlflow.search_experiments(max_results=1)
+    except Exception as exc:  # connection refused, bad URI, locked DB: all stop here
+        raise AlexopsError(
+            f"cannot reach the MLflow tracking store {tracking_uri(root)} ({exc.__class__.__name__}: "
+            f"{str(exc).splitlines()[0][:200]}). Fix: start the server (`make mlflow-server`) or "
+            "point MLFLOW_TRACKING_URI at a running one; unset it to use ./mlflow.db."
+        ) from exc
+
+
+@contextlib.contextmanager
+def new_run(params: Params, paths: Paths, run_id: str | None = None) -> Iterator[Any]:
+    """Open the pipeline's MLflow run (or reopen `run_id` after a crash) and record it."""
+    mlflow = _mlflow(paths.root)
+    _reachable(mlflow, paths.root)
+    mlflow.set_experiment(f"{params.register.experiment}-{params.base.dataset}")
+    name = f"{params.base.dataset}-{params.train.image_size}px-w{params.train.width:g}-e{params.train.epochs}"
+    with mlflow.start_run(run_id=run_id, run_name=None if run_id else name) as run:
+        if run_id is None:
+            mlflow.log_params(params.as_flat_dict())
+            mlflow.set_tags(lineage_tags(paths.root))
+        files.write_json(paths.mlflow_run, {"run_id": run.info.run_id, "tracking_uri": tracking_uri(paths.root)})
+        yield mlflow
+
+
+@contextlib.contextmanager
+def continue_run(paths: Paths) -> Iterator[Any]:
+    """Reopen the run train started, so that all stages report into one run."""
+    run_id = files.read_json(paths.mlflow_run, produced_by="train")["run_id"]
+    mlflow = _mlflow(paths.root)
+    _reachable(mlflow, paths.root)
+    try:
+        mlflow.get_run(run_id)
+    except Exception as exc:
+        raise AlexopsError(
+            f"MLflow run {run_id} (from {paths.mlflow_run}) is not in {tracking_uri(paths.root)}. "
+            "Fix: point MLFLOW_TRACKING_URI at the store train used, or retrain: `dvc repro -f train`."
+        ) from exc
+    with mlflow.start_run(run_id=run_id):
+        yield mlflow
+
+
+def lineage_tags(root: Path) -> dict[str, str]:
+    """Git commit and dirtiness, the Prefect flow run when there is one."""
+    tags = {"git.commit": _git(root, "rev-parse", "HEAD") or "unknown"}
+    status = _git(root, "status", "--porcelain", "--untracked-files=no")
+    tags["git.dirty"] = "unknown" if status is None else str(bool(status)).lower()
+    if flow_run := os.environ.get(PREFECT_FLOW_RUN_ENV):
+        tags["prefect.flow_run_id"] = flow_run
+    return tags
+
+
+def dvc_lock_tags(root: Path) -> dict[str, str]:
+    """`dvc.<stage>.<out>` → content hash, for every output dvc.lock records so far."""
+    lock = Path(root) / "dvc.lock"
+    if not lock.exists():
+        return {}
+    stages = (yaml.safe_load(lock.read_text()) or {}).get("stages", {})
+    return {
+        f"dvc.{stage}.{out['path']}": out.get("md5") or out.get("hash", "")
+        for stage, entry in stages.items()
+        for out in entry.get("outs", [])
+    }
+
+
+def _git(root: Path, *args: str) -> str | None:
+    try:
+        done = subprocess.run(["git", *args], cwd=root, capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return done.stdout.strip() if done.returncode == 0 else None

@@ -1,0 +1,257 @@
+"""Stage `train`: AlexNet with SGD on the uint8 cache, augmented per batch on the device.
+
+A checkpoint is written after every epoch; a rerun with the same params and data resumes
+from it (the crash case) instead of starting over. The whole dataset lives on the
+training device as uint8 (47 MB for Fashion-MNIST), so there is no DataLoader.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import json
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from alexops import augment, files, tracking
+from alexops.errors import AlexopsError
+from alexops.evaluate import predict_probabilities
+from alexops.model import AlexNet, count_parameters, pick_device
+from alexops.params import Params, TrainParams
+from alexops.paths import Paths
+from alexops.prepare import load_split
+
+HISTORY_FIELDS = ("epoch", "train_loss", "train_accuracy", "val_loss", "val_accuracy", "lr", "seconds")
+
+
+@dataclass
+class PlateauState:
+    """Paper §6: divide the learning rate by 10 when validation error stops improving."""
+
+    best_error: float = math.inf
+    bad_epochs: int = 0
+    scale: float = 1.0
+    patience: int = 1
+
+    def update(self, error: float) -> None:
+        if error < self.best_error - 1e-4:
+            self.best_error, self.bad_epochs = error, 0
+            return
+        self.bad_epochs += 1
+        if self.bad_epochs > self.patience:
+            self.scale, self.bad_epochs = self.scale / 10, 0
+
+
+@dataclass
+class Progress:
+    epoch: int = 0
+    history: list[dict] = field(default_factory=list)
+    plateau: PlateauState = field(default_factory=PlateauState)
+
+
+def lr_at(opts: TrainParams, step: int, total: int, plateau_scale: float) -> float:
+    """Learning rate for a global step: linear warm-up, then the schedule's shape."""
+    warmup = min(total - 1, round(opts.warmup_epochs * total / opts.epochs))
+    if opts.schedule == "onecycle":
+        # one-cycle (Smith 2018): ramp from lr/25 over 30% of training, cosine down to ~0
+        warmup = max(warmup, round(0.3 * total))
+        if step < warmup:
+            return opts.lr * (1 / 25 + (1 - 1 / 25) * step / warmup)
+    elif step < warmup:
+        return opts.lr * (step + 1) / warmup
+    if opts.schedule == "plateau":
+        return opts.lr * plateau_scale
+    if opts.schedule == "constant":
+        return opts.lr
+    progress = (step - warmup) / max(1, total - warmup)
+    return opts.lr * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def fingerprint(params: Params, paths: Paths) -> str:
+    """What a checkpoint must match to be resumed: the train params, seed and data."""
+    blob = json.dumps({"train": asdict(params.train), "seed": params.base.seed}, sort_keys=True)
+    stats = (paths.prepared / "stats.json").read_bytes()
+    return hashlib.sha256(blob.encode() + stats).hexdigest()
+
+
+def run(params: Params, paths: Paths) -> None:
+    opts = params.train
+    device = pick_device(params.base.device)
+    torch.manual_seed(params.base.seed)
+    if device.type == "cpu":
+        torch.use_deterministic_algorithms(True, warn_only=True)
+    stats = files.read_json(paths.prepared / "stats.json", produced_by="prepare")
+    train_x, train_y, val_x, val_y = split_validation(paths, opts.val_size, params.base.seed)
+    recipe = augment.Recipe.create(opts.image_size, opts.resize_ratio, stats["mean"], stats["std"])
+    lighting = augment.Lighting(
+        torch.tensor(stats["eigval"], dtype=torch.float32),
+        torch.tensor(stats["eigvec"], dtype=torch.float32),
+        opts.lighting_std,
+    )
+    config = {
+        "in_channels": stats["image_shape"][0],
+        "num_classes": len(stats["classes"]),
+        "image_size": opts.image_size,
+        "width": opts.width,
+        "dropout": opts.dropout,
+    }
+    model = AlexNet(**config, init=opts.init).to(device)
+    if device.type == "cuda" and opts.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    optimizer = torch.optim.SGD(
+        model.parameters(), lr=opts.lr, momentum=opts.momentum, weight_decay=opts.weight_decay
+    )
+    progress, run_id = resume(paths, fingerprint(params, paths), model, optimizer)
+    step_fn = torch.compile(model) if opts.compile else model
+    print(
+        f"train: AlexNet {count_parameters(model) / 1e6:.2f} M parameters on {device}, "
+        f"{len(train_y)} train / {len(val_y)} val images at {opts.image_size} px"
+    )
+    with tracking.new_run(params, paths, run_id) as mlflow:
+        run_id = mlflow.active_run().info.run_id
+        train_x, train_y = train_x.to(device), train_y.to(device)
+        for epoch in range(progress.epoch + 1, opts.epochs + 1):
+            started = time.perf_counter()
+            loss, acc, lr = train_epoch(step_fn, optimizer, train_x, train_y, recipe, lighting, opts, epoch, params.base.seed, progress)
+            val_loss, val_acc = validate(model, val_x, val_y, recipe, params, device)
+            if opts.schedule == "plateau" and len(val_y):
+                progress.plateau.update(1 - val_acc)
+            row = dict(zip(HISTORY_FIELDS, (epoch, loss, acc, val_loss, val_acc, lr, time.perf_counter() - started)))
+            progress.history.append(row)
+            progress.epoch = epoch
+            mlflow.log_metrics({k: v for k, v in row.items() if k != "epoch" and not math.isnan(v)}, step=epoch)
+            save_checkpoint(paths, model, optimizer, progress, fingerprint(params, paths), run_id)
+            print(f"epoch {epoch}/{opts.epochs}: loss {loss:.4f} acc {acc:.4f} val_acc {val_acc:.4f} lr {lr:.2e}")
+        write_outputs(paths, model, config, recipe, stats, progress)
+        mlflow.log_metrics({"parameters": count_parameters(model)})
+
+
+def split_validation(paths: Paths, val_size: int, seed: int):
+    images, labels = load_split(paths.prepared / "train.pt")
+    if val_size >= len(labels):
+        raise AlexopsError(
+            f"train.val_size ({val_size}) leaves no training images out of {len(labels)}. "
+            "Fix: lower train.val_size or raise prepare.max_train."
+        )
+    order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(seed))
+    val, train = order[:val_size], order[val_size:]
+    return images[train], labels[train], images[val], labels[val]
+
+
+def train_epoch(model, optimizer, images, labels, recipe, lighting, opts: TrainParams, epoch, seed, progress):
+    """One pass in a seeded order; seeds derive from (seed, epoch) so a resume repeats it."""
+    model.train()
+    device = images.device
+    generator = torch.Generator(device=device).manual_seed(seed * 1000 + epoch)
+    order = torch.randperm(len(labels), device=device, generator=generator)
+    steps = len(labels) // opts.batch_size or 1
+    total_steps = steps * opts.epochs
+    amp = device.type == "cuda" and opts.amp
+    loss_sum = torch.zeros((), device=device)
+    correct = torch.zeros((), device=device, dtype=torch.long)
+    seen = 0
+    bar = tqdm(range(steps), desc=f"epoch {epoch}/{opts.epochs}", unit="batch", mininterval=1.0)
+    started = time.perf_counter()
+    for step in bar:
+        lr = lr_at(opts, (epoch - 1) * steps + step, total_steps, progress.plateau.scale)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        index = order[step * opts.batch_size : (step + 1) * opts.batch_size]
+        x = augment.train_batch(images[index], recipe, lighting, opts.flip, generator)
+        if device.type == "cuda" and opts.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        y = labels[index]
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+            logits = model(x)
+            loss = F.cross_entropy(logits.float(), y, label_smoothing=opts.label_smoothing)
+        if not torch.isfinite(loss):
+            raise AlexopsError(
+                f"training diverged: loss is {loss.item()} at epoch {epoch}, step {step + 1}. "
+                f"Fix: lower train.lr (now {opts.lr}) or add train.warmup_epochs; nothing was exported."
+            )
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        loss_sum += loss.detach() * len(y)
+        correct += (logits.argmax(1) == y).sum()
+        seen += len(y)
+        if step % 20 == 0 or step == steps - 1:
+            bar.set_postfix(loss=f"{loss.item():.3f}", img_s=f"{seen / (time.perf_counter() - started):.0f}")
+    return loss_sum.item() / seen, correct.item() / seen, lr
+
+
+@torch.no_grad()
+def validate(model, images, labels, recipe, params: Params, device) -> tuple[float, float]:
+    if len(labels) == 0:
+        return math.nan, math.nan
+    probs = predict_probabilities(model, images, recipe, params.evaluate.batch_size, device, ten_crop=False)
+    loss = F.nll_loss(probs.clamp_min(1e-12).log(), labels).item()
+    return loss, (probs.argmax(1) == labels).float().mean().item()
+
+
+def resume(paths: Paths, expected: str, model, optimizer) -> tuple[Progress, str | None]:
+    """Continue from the last checkpoint when it belongs to this very run's params and data."""
+    if not paths.checkpoint.exists():
+        return Progress(), None
+    try:
+        state = torch.load(paths.checkpoint, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        print(f"train: ignoring unreadable checkpoint {paths.checkpoint} ({exc.__class__.__name__})")
+        return Progress(), None
+    if state.get("fingerprint") != expected:
+        print("train: checkpoint is from other params or data; starting afresh")
+        return Progress(), None
+    model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    torch.set_rng_state(state["rng_cpu"])
+    progress = Progress(state["epoch"], json.loads(state["history"]), PlateauState(**json.loads(state["plateau"])))
+    print(f"train: resuming after epoch {progress.epoch} from {paths.checkpoint}")
+    return progress, state["run_id"]
+
+
+def save_checkpoint(paths: Paths, model, optimizer, progress: Progress, fp: str, run_id: str) -> None:
+    state = {
+        "model": model.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "epoch": progress.epoch,
+        "history": json.dumps(progress.history),
+        "plateau": json.dumps(asdict(progress.plateau)),
+        "rng_cpu": torch.get_rng_state(),
+        "fingerprint": fp,
+        "run_id": run_id,
+    }
+    with files.atomic_path(paths.checkpoint) as tmp:
+        torch.save(state, tmp)
+
+
+def write_outputs(paths: Paths, model, config: dict, recipe, stats: dict, progress: Progress) -> None:
+    trained = {
+        "config": json.dumps(config),
+        "recipe": json.dumps(recipe.as_dict()),
+        "classes": json.dumps(stats["classes"]),
+        "state_dict": {k: v.cpu() for k, v in model.state_dict().items()},
+    }
+    with files.atomic_path(paths.model) as tmp:
+        torch.save(trained, tmp)
+    last = progress.history[-1]
+    summary = {
+        "epochs": last["epoch"],
+        "train_loss": last["train_loss"],
+        "train_accuracy": last["train_accuracy"],
+        "val_accuracy": None if math.isnan(last["val_accuracy"]) else last["val_accuracy"],
+        "train_seconds": sum(row["seconds"] for row in progress.history),
+        "parameters": count_parameters(model),
+    }
+    files.write_json(paths.reports / "train.json", summary)
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=HISTORY_FIELDS)
+    writer.writeheader()
+    writer.writerows(progress.history)
+    files.write_text(paths.reports / "train_history.csv", buffer.getvalue())
