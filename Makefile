@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 MIRROR := /usr/share/datasets/fashion-mnist
 
-.PHONY: install mirror run flow test lint format bench mlflow-ui clean
+.PHONY: install mirror run flow test lint format bench bench-gpu mlflow-ui clean
 
 install: $(STAMP)
 
@@ -47,6 +47,19 @@ lint: install
 format: install
 	$(BIN)/ruff format src tests pipeline benchmarks
 	$(BIN)/ruff check --fix src tests pipeline benchmarks
+
+# Side-by-side measurements; results in benchmarks/results/*.json (see README, Benchmarks).
+bench: install mirror
+	$(BIN)/python benchmarks/bench_lrn.py
+	$(BIN)/python benchmarks/bench_train.py --device cpu --image-size 227 --width 1.0 --steps 3 --seed-steps 3 \
+	  --out benchmarks/results/train-cpu-227.json
+	$(BIN)/python benchmarks/bench_train.py --device cpu --params params.yaml --steps 10 --seed-steps 3 \
+	  --epochs $$($(BIN)/python -c "import yaml; print(yaml.safe_load(open('params.yaml'))['train']['epochs'])") \
+	  --out benchmarks/results/train-cpu-default.json
+
+# The prepared GPU run (one call on a machine with CUDA and PyTorch).
+bench-gpu:
+	PY=$(BIN)/python bash benchmarks/gpu_check.sh
 
 mlflow-ui: install
 	$(BIN)/mlflow ui --backend-store-uri sqlite:///mlflow.db --host 127.0.0.1 --port 5000

@@ -54,20 +54,21 @@ def resized(images: torch.Tensor, size: int) -> torch.Tensor:
 def crop_and_flip(
     x: torch.Tensor, size: int, flip: bool, generator: torch.Generator | None
 ) -> torch.Tensor:
-    """A random size×size crop per image, mirrored with probability ½ (one gather)."""
+    """A random size×size crop of each image, mirrored with probability ½.
+
+    `unfold` views every possible window without copying; one index per image then picks
+    its window, so the only copy made is the output itself.
+    """
     n, _, h, w = x.shape
     dev = x.device
-    top = torch.randint(0, h - size + 1, (n, 1), device=dev, generator=generator)
-    left = torch.randint(0, w - size + 1, (n, 1), device=dev, generator=generator)
-    steps = torch.arange(size, device=dev)
-    rows = top + steps  # (N, S)
-    cols = left + steps
-    if flip:
-        mirrored = torch.rand(n, 1, device=dev, generator=generator) < 0.5
-        cols = torch.where(mirrored, left + size - 1 - steps, cols)
-    batch = torch.arange(n, device=dev)[:, None, None]
-    # (N, S, S, C) from advanced indexing over (batch, row, col); back to NCHW
-    return x.permute(0, 2, 3, 1)[batch, rows[:, :, None], cols[:, None, :]].permute(0, 3, 1, 2)
+    top = torch.randint(0, h - size + 1, (n,), device=dev, generator=generator)
+    left = torch.randint(0, w - size + 1, (n,), device=dev, generator=generator)
+    windows = x.unfold(2, size, 1).unfold(3, size, 1)  # (N, C, h-size+1, w-size+1, size, size)
+    crops = windows[torch.arange(n, device=dev), :, top, left]
+    if not flip:
+        return crops
+    mirrored = torch.rand(n, device=dev, generator=generator) < 0.5
+    return torch.where(mirrored[:, None, None, None], crops.flip(-1), crops)
 
 
 def pca_lighting(x: torch.Tensor, lighting: Lighting, generator: torch.Generator | None) -> torch.Tensor:

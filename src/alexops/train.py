@@ -81,18 +81,24 @@ def fingerprint(params: Params, paths: Paths) -> str:
     return hashlib.sha256(blob.encode() + stats).hexdigest()
 
 
-def run(params: Params, paths: Paths) -> None:
-    opts = params.train
-    device = pick_device(params.base.device)
-    torch.manual_seed(params.base.seed)
-    if device.type == "cpu":
-        torch.use_deterministic_algorithms(True, warn_only=True)
-    stats = files.read_json(paths.prepared / "stats.json", produced_by="prepare")
-    train_x, train_y, val_x, val_y = split_validation(paths, opts.val_size, params.base.seed)
+@dataclass
+class Session:
+    """One training run's model, optimiser and data recipe, on its device."""
+
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    recipe: augment.Recipe
+    lighting: augment.Lighting
+    config: dict
+    device: torch.device
+
+
+def build(opts: TrainParams, stats: dict, device: torch.device) -> Session:
+    """AlexNet, SGD and the augmentation recipe from the train params and data statistics."""
     recipe = augment.Recipe.create(opts.image_size, opts.resize_ratio, stats["mean"], stats["std"])
     lighting = augment.Lighting(
-        torch.tensor(stats["eigval"], dtype=torch.float32),
-        torch.tensor(stats["eigvec"], dtype=torch.float32),
+        torch.tensor(stats["eigval"], dtype=torch.float32, device=device),
+        torch.tensor(stats["eigvec"], dtype=torch.float32, device=device),
         opts.lighting_std,
     )
     config = {
@@ -103,34 +109,70 @@ def run(params: Params, paths: Paths) -> None:
         "dropout": opts.dropout,
     }
     model = AlexNet(**config, init=opts.init).to(device)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # fixed input shapes: let cuDNN pick kernels
     if device.type == "cuda" and opts.channels_last:
         model = model.to(memory_format=torch.channels_last)
     optimizer = torch.optim.SGD(
         model.parameters(), lr=opts.lr, momentum=opts.momentum, weight_decay=opts.weight_decay
     )
-    progress, run_id = resume(paths, fingerprint(params, paths), model, optimizer)
-    step_fn = torch.compile(model) if opts.compile else model
+    return Session(model, optimizer, recipe, lighting, config, device)
+
+
+def fit(
+    session: Session,
+    data: tuple[torch.Tensor, ...],
+    opts: TrainParams,
+    seed: int,
+    eval_batch: int,
+    progress: Progress,
+    on_epoch=lambda progress: None,
+) -> Progress:
+    """Train from `progress.epoch` to opts.epochs; `on_epoch` saves and logs after each."""
+    train_x, train_y, val_x, val_y = data
+    train_x, train_y = train_x.to(session.device), train_y.to(session.device)
+    step_model = torch.compile(session.model) if opts.compile else session.model
+    for epoch in range(progress.epoch + 1, opts.epochs + 1):
+        started = time.perf_counter()
+        loss, acc, lr = train_epoch(step_model, session, train_x, train_y, opts, epoch, seed, progress)
+        val_loss, val_acc = validate(session, val_x, val_y, eval_batch)
+        if opts.schedule == "plateau" and len(val_y):
+            progress.plateau.update(1 - val_acc)
+        row = (epoch, loss, acc, val_loss, val_acc, lr, time.perf_counter() - started)
+        progress.history.append(dict(zip(HISTORY_FIELDS, row)))
+        progress.epoch = epoch
+        print(f"epoch {epoch}/{opts.epochs}: loss {loss:.4f} acc {acc:.4f} val_acc {val_acc:.4f} lr {lr:.2e}")
+        on_epoch(progress)
+    return progress
+
+
+def run(params: Params, paths: Paths) -> None:
+    opts = params.train
+    device = pick_device(params.base.device)
+    torch.manual_seed(params.base.seed)
+    if device.type == "cpu":
+        torch.use_deterministic_algorithms(True, warn_only=True)
+    stats = files.read_json(paths.prepared / "stats.json", produced_by="prepare")
+    data = split_validation(paths, opts.val_size, params.base.seed)
+    session = build(opts, stats, device)
+    expected = fingerprint(params, paths)
+    progress, run_id = resume(paths, expected, session)
     print(
-        f"train: AlexNet {count_parameters(model) / 1e6:.2f} M parameters on {device}, "
-        f"{len(train_y)} train / {len(val_y)} val images at {opts.image_size} px"
+        f"train: AlexNet {count_parameters(session.model) / 1e6:.2f} M parameters on {device}, "
+        f"{len(data[1])} train / {len(data[3])} val images at {opts.image_size} px"
     )
     with tracking.new_run(params, paths, run_id) as mlflow:
         run_id = mlflow.active_run().info.run_id
-        train_x, train_y = train_x.to(device), train_y.to(device)
-        for epoch in range(progress.epoch + 1, opts.epochs + 1):
-            started = time.perf_counter()
-            loss, acc, lr = train_epoch(step_fn, optimizer, train_x, train_y, recipe, lighting, opts, epoch, params.base.seed, progress)
-            val_loss, val_acc = validate(model, val_x, val_y, recipe, params, device)
-            if opts.schedule == "plateau" and len(val_y):
-                progress.plateau.update(1 - val_acc)
-            row = dict(zip(HISTORY_FIELDS, (epoch, loss, acc, val_loss, val_acc, lr, time.perf_counter() - started)))
-            progress.history.append(row)
-            progress.epoch = epoch
-            mlflow.log_metrics({k: v for k, v in row.items() if k != "epoch" and not math.isnan(v)}, step=epoch)
-            save_checkpoint(paths, model, optimizer, progress, fingerprint(params, paths), run_id)
-            print(f"epoch {epoch}/{opts.epochs}: loss {loss:.4f} acc {acc:.4f} val_acc {val_acc:.4f} lr {lr:.2e}")
-        write_outputs(paths, model, config, recipe, stats, progress)
-        mlflow.log_metrics({"parameters": count_parameters(model)})
+
+        def after_epoch(progress: Progress) -> None:
+            row = progress.history[-1]
+            metrics = {k: v for k, v in row.items() if k != "epoch" and not math.isnan(v)}
+            mlflow.log_metrics(metrics, step=row["epoch"])
+            save_checkpoint(paths, session, progress, expected, run_id)
+
+        fit(session, data, opts, params.base.seed, params.evaluate.batch_size, progress, after_epoch)
+        write_outputs(paths, session, stats, progress)
+        mlflow.log_metrics({"parameters": count_parameters(session.model)})
 
 
 def split_validation(paths: Paths, val_size: int, seed: int):
@@ -145,9 +187,10 @@ def split_validation(paths: Paths, val_size: int, seed: int):
     return images[train], labels[train], images[val], labels[val]
 
 
-def train_epoch(model, optimizer, images, labels, recipe, lighting, opts: TrainParams, epoch, seed, progress):
+def train_epoch(model, session: Session, images, labels, opts: TrainParams, epoch, seed, progress):
     """One pass in a seeded order; seeds derive from (seed, epoch) so a resume repeats it."""
     model.train()
+    optimizer, recipe, lighting = session.optimizer, session.recipe, session.lighting
     device = images.device
     generator = torch.Generator(device=device).manual_seed(seed * 1000 + epoch)
     order = torch.randperm(len(labels), device=device, generator=generator)
@@ -171,32 +214,35 @@ def train_epoch(model, optimizer, images, labels, recipe, lighting, opts: TrainP
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
             logits = model(x)
             loss = F.cross_entropy(logits.float(), y, label_smoothing=opts.label_smoothing)
-        if not torch.isfinite(loss):
-            raise AlexopsError(
-                f"training diverged: loss is {loss.item()} at epoch {epoch}, step {step + 1}. "
-                f"Fix: lower train.lr (now {opts.lr}) or add train.warmup_epochs; nothing was exported."
-            )
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
         loss_sum += loss.detach() * len(y)
         correct += (logits.argmax(1) == y).sum()
         seen += len(y)
+        # reading the loss waits for the GPU, so check for divergence every 20 steps only;
+        # nothing of this epoch is saved before the check at its last step
         if step % 20 == 0 or step == steps - 1:
+            if not torch.isfinite(loss_sum):
+                raise AlexopsError(
+                    f"training diverged: the loss became {loss.item()} at epoch {epoch}, by step "
+                    f"{step + 1}. Fix: lower train.lr (now {opts.lr}) or add train.warmup_epochs; "
+                    "nothing was saved, exported or registered."
+                )
             bar.set_postfix(loss=f"{loss.item():.3f}", img_s=f"{seen / (time.perf_counter() - started):.0f}")
     return loss_sum.item() / seen, correct.item() / seen, lr
 
 
 @torch.no_grad()
-def validate(model, images, labels, recipe, params: Params, device) -> tuple[float, float]:
+def validate(session: Session, images, labels, batch_size: int) -> tuple[float, float]:
     if len(labels) == 0:
         return math.nan, math.nan
-    probs = predict_probabilities(model, images, recipe, params.evaluate.batch_size, device, ten_crop=False)
+    probs = predict_probabilities(session.model, images, session.recipe, batch_size, session.device, ten_crop=False)
     loss = F.nll_loss(probs.clamp_min(1e-12).log(), labels).item()
     return loss, (probs.argmax(1) == labels).float().mean().item()
 
 
-def resume(paths: Paths, expected: str, model, optimizer) -> tuple[Progress, str | None]:
+def resume(paths: Paths, expected: str, session: Session) -> tuple[Progress, str | None]:
     """Continue from the last checkpoint when it belongs to this very run's params and data."""
     if not paths.checkpoint.exists():
         return Progress(), None
@@ -208,18 +254,18 @@ def resume(paths: Paths, expected: str, model, optimizer) -> tuple[Progress, str
     if state.get("fingerprint") != expected:
         print("train: checkpoint is from other params or data; starting afresh")
         return Progress(), None
-    model.load_state_dict(state["model"])
-    optimizer.load_state_dict(state["optimizer"])
+    session.model.load_state_dict(state["model"])
+    session.optimizer.load_state_dict(state["optimizer"])
     torch.set_rng_state(state["rng_cpu"])
     progress = Progress(state["epoch"], json.loads(state["history"]), PlateauState(**json.loads(state["plateau"])))
     print(f"train: resuming after epoch {progress.epoch} from {paths.checkpoint}")
     return progress, state["run_id"]
 
 
-def save_checkpoint(paths: Paths, model, optimizer, progress: Progress, fp: str, run_id: str) -> None:
+def save_checkpoint(paths: Paths, session: Session, progress: Progress, fp: str, run_id: str) -> None:
     state = {
-        "model": model.state_dict(),
-        "optimizer": optimizer.state_dict(),
+        "model": session.model.state_dict(),
+        "optimizer": session.optimizer.state_dict(),
         "epoch": progress.epoch,
         "history": json.dumps(progress.history),
         "plateau": json.dumps(asdict(progress.plateau)),
@@ -231,10 +277,11 @@ def save_checkpoint(paths: Paths, model, optimizer, progress: Progress, fp: str,
         torch.save(state, tmp)
 
 
-def write_outputs(paths: Paths, model, config: dict, recipe, stats: dict, progress: Progress) -> None:
+def write_outputs(paths: Paths, session: Session, stats: dict, progress: Progress) -> None:
+    model = session.model
     trained = {
-        "config": json.dumps(config),
-        "recipe": json.dumps(recipe.as_dict()),
+        "config": json.dumps(session.config),
+        "recipe": json.dumps(session.recipe.as_dict()),
         "classes": json.dumps(stats["classes"]),
         "state_dict": {k: v.cpu() for k, v in model.state_dict().items()},
     }
