@@ -15,18 +15,18 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 $PY -c "import torch, torchvision; print('torch', torch.__version__, 'torchvision', torchvision.__version__)"
 
 # 1. LRN: ours vs nn.LocalResponseNorm on CUDA
-step 90 $PY benchmarks/bench_lrn.py --device cuda --out "$OUT/lrn-cuda.json"
+step 60 $PY benchmarks/bench_lrn.py --device cuda --out "$OUT/lrn-cuda.json"
 # 2. training throughput at the paper's 227 px: alexops (bf16, channels_last) vs the seed recipe
-step 120 $PY benchmarks/bench_train.py --device cuda --image-size 227 --width 1.0 --steps 40 \
+step 100 $PY benchmarks/bench_train.py --device cuda --image-size 227 --width 1.0 --steps 40 \
   --seed-steps 15 --out "$OUT/train-cuda-227.json"
 # 3. a short accuracy run of the paper-sized net at 227 px
-step 200 $PY benchmarks/bench_train.py --device cuda --image-size 227 --width 1.0 --steps 5 \
+step 150 $PY benchmarks/bench_train.py --device cuda --image-size 227 --width 1.0 --steps 5 \
   --skip-seed --epochs ${GPU_EPOCHS:-6} --set lr=0.02 --data "$DATA" --out "$OUT/accuracy-cuda-227.json"
 # 4. CPU-sized candidates, each at the epochs ~10 min of 2-core CPU training allows
 #    (fp32, no channels_last: the CPU's numerics), to choose the CPU default quickly
 for cfg in "99 0.25 20 0.05" "99 0.5 8 0.05" "67 0.5 12 0.05" "83 0.375 12 0.05"; do
   set -- $cfg
-  step 75 $PY benchmarks/bench_train.py --device cuda --image-size $1 --width $2 --epochs $3 \
+  step 60 $PY benchmarks/bench_train.py --device cuda --image-size $1 --width $2 --epochs $3 \
     --set lr=$4 --set amp=false --set channels_last=false --steps 5 --skip-seed --data "$DATA" \
     --out "$OUT/cpu-candidate-$1px-w$2-e$3.json"
 done
