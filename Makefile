@@ -27,12 +27,12 @@ mirror:
 	  echo "mirror: not root or no apt-get; fetch will use the official URLs"; \
 	fi
 
+# PRESET=gpu runs the paper's recipe as a DVC experiment (dvc exp run -S ...), params.yaml untouched
+PRESET ?=
 run: install mirror
-	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/dvc repro
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(if $(PRESET),$(BIN)/dvc exp run $$($(BIN)/python -m alexops.presets $(PRESET)),$(BIN)/dvc repro)
 	@PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/dvc metrics show
-	@$(BIN)/python -c "import json; r = json.load(open('reports/fashion-mnist/register.json')); \
-	  e = json.load(open('reports/fashion-mnist/evaluate.json')); \
-	  print(f\"test accuracy {e['accuracy']:.4f}; registered {r['model_name']} v{r['version']} @{r['alias']}\")"
+	@$(BIN)/python -m alexops.summary
 
 flow: install mirror
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m pipeline.flows

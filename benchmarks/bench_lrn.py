@@ -78,9 +78,7 @@ def _max_rel_diff(a: Tensor, b: Tensor) -> float:
     return ((a - b).abs().max() / b.abs().max().clamp_min(1e-30)).item()
 
 
-def bench_shape(
-    shape: tuple[int, ...], device: torch.device, warmup: int, repeats: int
-) -> dict[str, float]:
+def bench_shape(shape: tuple[int, ...], device: torch.device, warmup: int, repeats: int) -> dict[str, float]:
     gen = torch.Generator(device="cpu").manual_seed(0)
     # ReLU'd activations of the scale conv layers produce, so the normaliser does something.
     x = (torch.randn(shape, generator=gen) * 8).relu().to(device).requires_grad_()

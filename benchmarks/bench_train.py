@@ -43,11 +43,17 @@ def sync(device: torch.device) -> None:
 
 def synthetic(n: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
-    return torch.randint(0, 256, (n, 1, 28, 28), dtype=torch.uint8, generator=g), torch.randint(0, 10, (n,), generator=g)
+    return torch.randint(0, 256, (n, 1, 28, 28), dtype=torch.uint8, generator=g), torch.randint(
+        0, 10, (n,), generator=g
+    )
 
 
 def stats_for(images: torch.Tensor) -> dict:
-    return {"image_shape": list(images.shape[1:]), "classes": list(FASHION_MNIST.classes), **prepare.channel_statistics(images)}
+    return {
+        "image_shape": list(images.shape[1:]),
+        "classes": list(FASHION_MNIST.classes),
+        **prepare.channel_statistics(images),
+    }
 
 
 def time_alexops(images, labels, opts, device, steps: int, warmup: int) -> dict:
@@ -171,16 +177,20 @@ def main() -> None:
         "train_params": {k: v for k, v in vars(opts).items()},
         "alexops": time_alexops(images, labels, opts, device, args.steps, args.warmup),
     }
-    print(f"alexops: {result['alexops']['img_per_s']:.0f} img/s, data share {result['alexops']['data_share']:.1%}")
+    ours = result["alexops"]
+    print(f"alexops: {ours['img_per_s']:.0f} img/s, data share {ours['data_share']:.1%}")
     if not args.skip_seed:
         result["seed"] = time_seed(images, labels, opts.image_size, device, args.seed_steps, 1)
         result["speedup_vs_seed"] = result["alexops"]["img_per_s"] / result["seed"]["img_per_s"]
-        print(f"seed recipe: {result['seed']['img_per_s']:.0f} img/s → alexops is {result['speedup_vs_seed']:.2f}×")
+        seed = result["seed"]["img_per_s"]
+        print(f"seed recipe: {seed:.0f} img/s → alexops is {result['speedup_vs_seed']:.2f}×")
     if args.epochs:
         result["accuracy_run"] = accuracy_run(args.data, opts, device, 42, not args.no_ten_crop)
         run = result["accuracy_run"]
-        print(f"accuracy run: {args.epochs} epochs in {run['train_seconds']:.0f} s → test accuracy "
-              f"{run.get('test_accuracy_ten_crop', run['test_accuracy_center_crop']):.4f}")
+        print(
+            f"accuracy run: {args.epochs} epochs in {run['train_seconds']:.0f} s → test accuracy "
+            f"{run.get('test_accuracy_ten_crop', run['test_accuracy_center_crop']):.4f}"
+        )
     out = args.out or Path(__file__).parent / "results" / f"train-{device.type}.json"
     write_json_atomic(out, result)
     print(f"wrote {out}")

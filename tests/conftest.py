@@ -15,6 +15,9 @@ import numpy as np
 import pytest
 import yaml
 
+from alexops import fetch, params, prepare
+from alexops.paths import Paths
+
 REPO = Path(__file__).resolve().parents[1]
 VENV_BIN = str(Path(sys.executable).parent)
 
@@ -85,7 +88,10 @@ def workspace(tmp_path, tiny_mirror) -> Path:
     (root / "params.yaml").write_text(yaml.safe_dump(tiny_params(*tiny_mirror)))
     env = workspace_env(tmp_path)
     run(["git", "init", "-q"], root)
-    run(["git", "-c", "user.email=t@t", "-c", "user.name=t", "commit", "-q", "--allow-empty", "-m", "init"], root)
+    run(
+        ["git", "-c", "user.email=t@t", "-c", "user.name=t", "commit", "-q", "--allow-empty", "-m", "init"],
+        root,
+    )
     run([f"{VENV_BIN}/dvc", "init", "-q"], root, env)
     run(["git", "add", "-A"], root)
     run(["git", "-c", "user.email=t@t", "-c", "user.name=t", "commit", "-q", "-m", "workspace"], root)
@@ -103,3 +109,18 @@ def workspace_env(tmp_path: Path) -> dict:
 @pytest.fixture
 def ws_env(tmp_path, workspace) -> dict:
     return workspace_env(tmp_path)
+
+
+@pytest.fixture
+def prepared(tmp_path, tiny_mirror, monkeypatch):
+    """A project root with fetched and prepared tiny data, and its own MLflow store."""
+    root = tmp_path / "root"
+    raw = tiny_params(*tiny_mirror, epochs=4)
+    root.mkdir()
+    (root / "params.yaml").write_text(yaml.safe_dump(raw))
+    loaded = params.from_dict(raw)
+    paths = Paths(root, loaded.base.dataset)
+    fetch.run(loaded, paths)
+    prepare.run(loaded, paths)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/mlflow.db")
+    return root

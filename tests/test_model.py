@@ -12,7 +12,16 @@ def layer_signature(model: AlexNet) -> list[tuple]:
     out = []
     for module in model.modules():
         if isinstance(module, nn.Conv2d):
-            out.append(("conv", module.out_channels, module.kernel_size[0], module.stride[0], module.padding[0], module.groups))
+            out.append(
+                (
+                    "conv",
+                    module.out_channels,
+                    module.kernel_size[0],
+                    module.stride[0],
+                    module.padding[0],
+                    module.groups,
+                )
+            )
         elif isinstance(module, nn.MaxPool2d):
             out.append(("pool", module.kernel_size, module.stride))
         elif isinstance(module, LocalResponseNorm):
@@ -79,7 +88,11 @@ def test_an_input_of_another_size_names_both_sizes():
 def test_paper_initialisation():
     torch.manual_seed(0)
     model = AlexNet(3, 10, image_size=67, width=0.5, init="paper")
-    biases = {name: m.bias.unique().tolist() for name, m in model.named_modules() if isinstance(m, nn.Conv2d | nn.Linear)}
+    biases = {
+        name: m.bias.unique().tolist()
+        for name, m in model.named_modules()
+        if isinstance(m, nn.Conv2d | nn.Linear)
+    }
     assert biases == {
         "features.0": [0.0], "features.4": [1.0], "features.8": [0.0],
         "features.10": [1.0], "features.12": [1.0],

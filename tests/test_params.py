@@ -81,3 +81,16 @@ def test_cli_reports_unparsable_yaml(tmp_path):
     )  # fmt: skip
     assert done.returncode == 2
     assert "not valid YAML" in done.stderr and "Traceback" not in done.stderr
+
+
+def test_presets_are_valid_params_and_gpu_is_the_papers_recipe():
+    from alexops import presets
+
+    base = yaml.safe_load((REPO / "params.yaml").read_text())
+    for name in presets.PRESETS:
+        params.from_dict(presets.apply(base, name))
+    gpu = params.from_dict(presets.apply(base, "gpu")).train
+    assert (gpu.image_size, gpu.width, gpu.init, gpu.schedule, gpu.lr) == (227, 1.0, "paper", "plateau", 0.01)
+    assert presets.dvc_flags("gpu")[:2] == ["-S", "train.image_size=227"]
+    with pytest.raises(AlexopsError, match="unknown preset"):
+        presets.overrides("tpu")

@@ -51,9 +51,7 @@ def resized(images: torch.Tensor, size: int) -> torch.Tensor:
     return F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False)
 
 
-def crop_and_flip(
-    x: torch.Tensor, size: int, flip: bool, generator: torch.Generator | None
-) -> torch.Tensor:
+def crop_and_flip(x: torch.Tensor, size: int, flip: bool, generator: torch.Generator | None) -> torch.Tensor:
     """A random size×size crop of each image, mirrored with probability ½.
 
     `unfold` views every possible window without copying; one index per image then picks

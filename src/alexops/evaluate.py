@@ -53,7 +53,7 @@ def metrics_from(probs: torch.Tensor, labels: torch.Tensor, classes: list[str]) 
     return {
         "accuracy": (predicted == labels).float().mean().item(),
         "loss": torch.nn.functional.nll_loss(probs.clamp_min(1e-12).log(), labels).item(),
-        "per_class_accuracy": dict(zip(classes, per_class.tolist())),
+        "per_class_accuracy": dict(zip(classes, per_class.tolist(), strict=True)),
         "confusion": matrix,
         "predicted": predicted,
     }
@@ -64,11 +64,15 @@ def run(params: Params, paths: Paths) -> None:
     model, _, recipe, classes = load_trained(paths.model, device)
     images, labels = load_split(paths.prepared / "test.pt")
     opts = params.evaluate
-    centre = metrics_from(predict_probabilities(model, images, recipe, opts.batch_size, device, False), labels, classes)
+    centre = metrics_from(
+        predict_probabilities(model, images, recipe, opts.batch_size, device, False), labels, classes
+    )
     report = {"accuracy_center_crop": centre["accuracy"], "loss_center_crop": centre["loss"]}
     best = centre
     if opts.ten_crop:
-        ten = metrics_from(predict_probabilities(model, images, recipe, opts.batch_size, device, True), labels, classes)
+        ten = metrics_from(
+            predict_probabilities(model, images, recipe, opts.batch_size, device, True), labels, classes
+        )
         report |= {"accuracy_ten_crop": ten["accuracy"], "loss_ten_crop": ten["loss"]}
         best = ten
     # `accuracy` is the headline figure: the paper's 10-crop test when enabled
@@ -77,21 +81,28 @@ def run(params: Params, paths: Paths) -> None:
     write_reports(paths, report, best, labels, classes)
     with tracking.continue_run(paths) as mlflow:
         mlflow.log_metrics({f"test_{k}": v for k, v in report.items() if isinstance(v, float)})
-        mlflow.log_metrics({f"test_class_{i}_accuracy": v for i, v in enumerate(best["per_class_accuracy"].values())})
+        mlflow.log_metrics(
+            {f"test_class_{i}_accuracy": v for i, v in enumerate(best["per_class_accuracy"].values())}
+        )
         for name in ("evaluate.json", "confusion.png", "confusion.csv"):
             mlflow.log_artifact(str(paths.reports / name), artifact_path="evaluate")
-    print(f"evaluate: test accuracy {report['accuracy']:.4f} ({'10-crop' if opts.ten_crop else 'centre crop'}), "
-          f"centre crop {report['accuracy_center_crop']:.4f}")
+    print(
+        f"evaluate: test accuracy {report['accuracy']:.4f} ({'10-crop' if opts.ten_crop else 'centre'}), "
+        f"centre crop {report['accuracy_center_crop']:.4f}"
+    )
 
 
 def write_reports(paths: Paths, report: dict, best: dict, labels: torch.Tensor, classes: list[str]) -> None:
     files.write_json(paths.reports / "evaluate.json", report)
     # one row per test image: the form DVC's confusion-matrix template reads
     rows = ["actual,predicted"] + [
-        f'"{classes[a]}","{classes[p]}"' for a, p in zip(labels.tolist(), best["predicted"].tolist())
+        f'"{classes[a]}","{classes[p]}"'
+        for a, p in zip(labels.tolist(), best["predicted"].tolist(), strict=True)
     ]
     files.write_text(paths.reports / "confusion.csv", "\n".join(rows) + "\n")
-    files.write_bytes(paths.reports / "confusion.png", confusion_png(best["confusion"], classes, report["accuracy"]))
+    files.write_bytes(
+        paths.reports / "confusion.png", confusion_png(best["confusion"], classes, report["accuracy"])
+    )
 
 
 def confusion_png(matrix: torch.Tensor, classes: list[str], accuracy: float) -> bytes:
@@ -103,8 +114,10 @@ def confusion_png(matrix: torch.Tensor, classes: list[str], accuracy: float) -> 
     fig, ax = plt.subplots(figsize=(8, 7), dpi=100)
     rates = (matrix.float() / matrix.sum(1, keepdim=True).clamp_min(1)).numpy()
     ax.imshow(rates, cmap="Blues", vmin=0, vmax=1)
-    for (i, j), count in zip(((i, j) for i in range(len(classes)) for j in range(len(classes))), matrix.flatten().tolist()):
-        ax.text(j, i, str(count), ha="center", va="center", fontsize=7, color="white" if rates[i, j] > 0.5 else "black")
+    for i, row in enumerate(matrix.tolist()):
+        for j, count in enumerate(row):
+            color = "white" if rates[i, j] > 0.5 else "black"
+            ax.text(j, i, str(count), ha="center", va="center", fontsize=7, color=color)
     ax.set_xticks(range(len(classes)), classes, rotation=45, ha="right")
     ax.set_yticks(range(len(classes)), classes)
     ax.set_xlabel("predicted")

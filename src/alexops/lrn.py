@@ -61,9 +61,7 @@ def _plain_forward(x: Tensor, size: int, alpha: float, beta: float, k: float) ->
     return x * denom.pow(-beta)
 
 
-def _plain_backward(
-    x: Tensor, grad: Tensor, size: int, alpha: float, beta: float, k: float
-) -> Tensor:
+def _plain_backward(x: Tensor, grad: Tensor, size: int, alpha: float, beta: float, k: float) -> Tensor:
     """Analytic gradient with differentiable ops, used when a double backward is requested."""
     denom = _window_sum(x * x, size, size // 2) * (alpha / size) + k
     scale = denom.pow(-beta)
@@ -167,9 +165,7 @@ def _cpu_forward(x: Tensor, size: int, alpha: float, beta: float, k: float) -> T
     return y
 
 
-def _cpu_backward(
-    x: Tensor, grad: Tensor, size: int, alpha: float, beta: float, k: float
-) -> Tensor:
+def _cpu_backward(x: Tensor, grad: Tensor, size: int, alpha: float, beta: float, k: float) -> Tensor:
     """grad_x = g d^-b - (2ab/n) x S'(g x d^(-b-1)), recomputing d per chunk (see _cpu_forward)."""
     grad_x = torch.empty_like(x)
     work = _Chunks(x, size, alpha, k)
@@ -202,7 +198,12 @@ def _gpu_forward(
 
 
 def _gpu_backward(
-    x: Tensor, grad: Tensor, scale: Tensor, scale_over_d: Tensor, size: int, alpha: float,
+    x: Tensor,
+    grad: Tensor,
+    scale: Tensor,
+    scale_over_d: Tensor,
+    size: int,
+    alpha: float,
     beta: float,
 ) -> Tensor:
     before = (size - 1) // 2  # transposed window: see _plain_backward

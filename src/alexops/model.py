@@ -144,7 +144,9 @@ def load_trained(path: Path, device: torch.device | str = "cpu"):
     except FileNotFoundError as exc:
         raise AlexopsError(f"{path} is missing. Fix: run `dvc repro train` first.") from exc
     except Exception as exc:
-        raise AlexopsError(f"{path} is not a readable model ({exc.__class__.__name__}). Fix: `dvc repro -f train`.") from exc
+        raise AlexopsError(
+            f"{path} is not a readable model ({exc.__class__.__name__}). Fix: `dvc repro -f train`."
+        ) from exc
     config = json.loads(blob["config"])
     model = AlexNet(**config).to(device)
     model.load_state_dict(blob["state_dict"])

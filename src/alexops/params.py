@@ -189,9 +189,8 @@ def _check(key: str, value: Any, hint: Any, rules: typing.Mapping[str, Any]) -> 
         for name, digest in value.items():
             if not (isinstance(digest, str) and re.fullmatch(r"[0-9a-f]{64}", digest)):
                 raise AlexopsError(f"{key}.{name} must be a 64-digit hex SHA-256, got {digest!r}.")
-    if "pattern" in rules:
-        if not re.fullmatch(rules["pattern"], value):
-            raise AlexopsError(f"{key} must match {rules['pattern']}, got {value!r}.")
+    if "pattern" in rules and not re.fullmatch(rules["pattern"], value):
+        raise AlexopsError(f"{key} must match {rules['pattern']}, got {value!r}.")
     return value
 
 
@@ -233,4 +232,3 @@ def _kind(value: Any) -> str:
     if isinstance(value, dict | list):
         return f"a {type(value).__name__}"
     return f"{value!r} ({type(value).__name__})"
-

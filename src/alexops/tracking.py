@@ -54,12 +54,17 @@ def new_run(params: Params, paths: Paths, run_id: str | None = None) -> Iterator
     mlflow = _mlflow(paths.root)
     _reachable(mlflow, paths.root)
     mlflow.set_experiment(f"{params.register.experiment}-{params.base.dataset}")
+    if run_id is not None and not _run_exists(mlflow, run_id):
+        print(f"train: MLflow run {run_id} of the checkpoint is not in this store; opening a new run")
+        run_id = None
     name = f"{params.base.dataset}-{params.train.image_size}px-w{params.train.width:g}-e{params.train.epochs}"
     with mlflow.start_run(run_id=run_id, run_name=None if run_id else name) as run:
         if run_id is None:
             mlflow.log_params(params.as_flat_dict())
             mlflow.set_tags(lineage_tags(paths.root))
-        files.write_json(paths.mlflow_run, {"run_id": run.info.run_id, "tracking_uri": tracking_uri(paths.root)})
+        files.write_json(
+            paths.mlflow_run, {"run_id": run.info.run_id, "tracking_uri": tracking_uri(paths.root)}
+        )
         yield mlflow
 
 
@@ -69,15 +74,21 @@ def continue_run(paths: Paths) -> Iterator[Any]:
     run_id = files.read_json(paths.mlflow_run, produced_by="train")["run_id"]
     mlflow = _mlflow(paths.root)
     _reachable(mlflow, paths.root)
-    try:
-        mlflow.get_run(run_id)
-    except Exception as exc:
+    if not _run_exists(mlflow, run_id):
         raise AlexopsError(
             f"MLflow run {run_id} (from {paths.mlflow_run}) is not in {tracking_uri(paths.root)}. "
             "Fix: point MLFLOW_TRACKING_URI at the store train used, or retrain: `dvc repro -f train`."
-        ) from exc
+        )
     with mlflow.start_run(run_id=run_id):
         yield mlflow
+
+
+def _run_exists(mlflow, run_id: str) -> bool:
+    try:
+        mlflow.get_run(run_id)
+    except Exception:  # MlflowException for an unknown id
+        return False
+    return True
 
 
 def lineage_tags(root: Path) -> dict[str, str]:
