@@ -150,11 +150,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=7, help="timed runs per measurement")
     parser.add_argument("--warmup", type=int, default=2, help="untimed runs first")
     parser.add_argument("--quick", action="store_true", help="skip the large 227 px shapes")
+    parser.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's)")
     args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: no CUDA device is available")
     device = torch.device(args.device)
+    # Other processes on the cores distort CPU timings (ours more: it runs more, smaller
+    # ops); the load average goes into the results so that such runs can be told apart.
+    load_before = os.getloadavg()
     rows = []
     for label, shape in QUICK_SHAPES if args.quick else SHAPES:
         row = {"label": label, "shape": list(shape)}
@@ -170,6 +176,8 @@ def main(argv: list[str] | None = None) -> int:
         "device_name": device_name(device),
         "torch_version": torch.__version__,
         "threads": torch.get_num_threads(),
+        "cpu_count": os.cpu_count(),
+        "loadavg_1min_before_after": [load_before[0], os.getloadavg()[0]],
         "dtype": "float32",
         "warmup": args.warmup,
         "repeats": args.repeats,

@@ -94,3 +94,7 @@ def test_presets_are_valid_params_and_gpu_is_the_papers_recipe():
     assert presets.dvc_flags("gpu")[:2] == ["-S", "train.image_size=227"]
     with pytest.raises(AlexopsError, match="unknown preset"):
         presets.overrides("tpu")
+
+
+def test_dataclass_defaults_equal_the_committed_params_yaml():
+    assert params.load(REPO / "params.yaml") == params.Params()

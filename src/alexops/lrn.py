@@ -16,8 +16,9 @@ autograd Function with the analytic gradient
 (S' is the window sum transposed) does the work, tuned per device:
 
 * CPU: fresh full-size buffers cost page faults on first touch, more than the arithmetic.
-  The batch is walked in cache-sized chunks, the window sum is ``n`` in-place adds of
-  channel slices, and only ``x`` is saved; the backward recomputes d chunk by chunk.
+  The batch is walked in cache-sized chunks with one scratch tensor, the window sum is
+  ``n - 1`` in-place adds of channel-shifted slices, and only ``x`` is saved; the backward
+  recomputes d chunk by chunk.
 * GPU: memory is pooled and kernel launches dominate, so the whole batch is done at once,
   the window sum is one reduction over an unfolded view, and d's powers are saved.
 
@@ -38,9 +39,10 @@ PAPER_ALPHA = 5e-4
 PAPER_BETA = 0.75
 PAPER_K = 2.0
 
-# Elements per chunk on CPU: a few such buffers fit the L2 cache (measured on 2-core AMD EPYC;
-# 2**18..2**20 were all within noise, far below un-chunked).
-_CHUNK_ELEMENTS = 1 << 19
+# Elements per CPU chunk (4 MiB of float32 per tensor). Measured on a 2-core EPYC: 2**19
+# and 2**20 tie, larger chunks fall out of cache (whole batch is ~1.8x slower). Larger
+# chunks mean fewer ops, which matters only when other processes compete for the cores.
+_CHUNK_ELEMENTS = 1 << 20
 
 
 # --------------------------------------------------------------------------- plain formula
@@ -85,137 +87,127 @@ def _memory_format(x: Tensor) -> torch.memory_format:
     return torch.contiguous_format
 
 
-def _padded(
-    like: Tensor, rows: int, size: int, before: int, fill: float, fmt: torch.memory_format
-) -> tuple[Tensor, Tensor]:
+# CPU: every pass is a memory-bound elementwise op, and a fresh full-size tensor costs a
+# page fault per 4 KiB on first touch. So the batch is walked in chunks whose one scratch
+# tensor stays in cache, the outputs double as scratch, and the window sum is a few
+# in-place adds of channel-shifted slices (no padded copy). Only x is saved; the backward
+# recomputes d chunk by chunk, which is cheaper than writing and re-reading saved tensors.
+def _cpu_rows(x: Tensor) -> int:
+    return max(1, min(x.shape[0], _CHUNK_ELEMENTS // max(1, x[0].numel())))
+
+
+def _spans(n: int, rows: int) -> list[tuple[int, int]]:
+    return [(start, min(rows, n - start)) for start in range(0, n, rows)]
+
+
+def _add_shifted(
+    dst: Tensor, src: Tensor, shift: int, factor: Tensor | None = None, value: float = 1.0
+) -> None:
+    """``dst[:, c] += value * src[:, c + shift] (* factor[:, c])`` where c + shift exists."""
+    channels = dst.shape[1]
+    if abs(shift) >= channels:
+        return
+    lo, length = max(0, -shift), channels - abs(shift)
+    target, source = dst.narrow(1, lo, length), src.narrow(1, lo + shift, length)
+    if factor is None:
+        target.add_(source, alpha=value)
+    else:
+        target.addcmul_(factor.narrow(1, lo, length), source, value=value)
+
+
+def _cpu_denominator(x: Tensor, scratch: Tensor, out: Tensor, size: int, alpha: float, k: float) -> Tensor:
+    """``out = k + alpha/n * sum of x^2 over channels c - n//2 .. c + (n-1)//2``."""
+    zero = torch.zeros((), dtype=x.dtype)
+    torch.addcmul(zero, x, x, value=alpha / size, out=scratch)  # one pass for alpha/n x^2
+    torch.add(scratch, k, out=out)
+    for shift in range(-(size // 2), size - size // 2):
+        if shift:
+            _add_shifted(out, scratch, shift)
+    return out
+
+
+def _cpu_inverse_power(denom: Tensor, beta: float, out: Tensor) -> Tensor:
+    """``out = denom ** -beta``; CPU pow is ~3x slower than sqrt/rsqrt, so 0.75 is special."""
+    if beta != 0.75:
+        return torch.pow(denom, -beta, out=out)
+    return torch.sqrt(denom, out=out).mul_(denom).rsqrt_()  # (d * d^0.5) ** -0.5
+
+
+def _cpu_forward(x: Tensor, size: int, alpha: float, beta: float, k: float) -> Tensor:
+    y = torch.empty_like(x)
+    rows = _cpu_rows(x)
+    scratch = torch.empty_like(x[:rows])
+    for start, m in _spans(x.shape[0], rows):
+        xc, yc, denom = x.narrow(0, start, m), y.narrow(0, start, m), scratch[:m]
+        _cpu_denominator(xc, yc, denom, size, alpha, k)  # yc holds alpha/n x^2 meanwhile
+        _cpu_inverse_power(denom, beta, out=yc).mul_(xc)
+    return y
+
+
+def _cpu_backward(x: Tensor, grad: Tensor, size: int, alpha: float, beta: float, k: float) -> Tensor:
+    """grad_x = g q - (2ab/n) x S'(g x q / d), with q = d^-b and S' the transposed window."""
+    grad_x = torch.empty_like(x)
+    rows = _cpu_rows(x)
+    scratch = torch.empty_like(x[:rows])
+    coeff = -2.0 * alpha * beta / size
+    for start, m in _spans(x.shape[0], rows):
+        xc, gc, gxc = (t.narrow(0, start, m) for t in (x, grad, grad_x))
+        denom = _cpu_denominator(xc, gxc, scratch[:m], size, alpha, k)
+        scale = _cpu_inverse_power(denom, beta, out=gxc)  # q, in the output's memory
+        spread = torch.div(scale, denom, out=denom).mul_(gc).mul_(xc)  # g x q / d
+        gxc.mul_(gc)
+        # Output c's window holds input c + j, j in -(n//2) .. (n-1)//2, so input c
+        # collects from outputs c - j.
+        for shift in range(-(size // 2), size - size // 2):
+            _add_shifted(gxc, spread, -shift, xc, coeff)
+    return grad_x
+
+
+# GPU: memory is pooled by the caching allocator and kernel launches dominate at AlexNet
+# sizes, so the whole batch is done at once, the window sum is one reduction over an
+# unfolded padded buffer, and d's powers are saved for the backward.
+def _padded(like: Tensor, size: int, before: int, fill: float) -> tuple[Tensor, Tensor]:
     """Buffer with ``size - 1`` extra channels (pads set to ``fill``) and its inner view."""
     channels = like.shape[1]
-    shape = (rows, channels + size - 1, *like.shape[2:])
-    buf = torch.empty(shape, dtype=like.dtype, device=like.device, memory_format=fmt)
+    shape = (like.shape[0], channels + size - 1, *like.shape[2:])
+    buf = torch.empty(shape, dtype=like.dtype, device=like.device, memory_format=_memory_format(like))
     buf.narrow(1, 0, before).fill_(fill)
     buf.narrow(1, before + channels, size - 1 - before).fill_(fill)
     return buf, buf.narrow(1, before, channels)
 
 
-def _window_total(buf: Tensor, size: int, out: Tensor) -> Tensor:
-    """``out[:, c] = sum(buf[:, c : c + size])``."""
-    if not _is_cpu(buf):
-        # One reduction kernel; on GPUs launches, not bandwidth, dominate at AlexNet sizes.
-        return torch.sum(buf.unfold(1, size, 1), dim=-1, out=out)
-    # On CPU, size - 1 in-place adds of channel slices beat the strided reduction (and
-    # by ~1.5x for channels_last, where the reduction runs over a 5-long inner dim).
-    channels = out.shape[1]
-    out.copy_(buf.narrow(1, 0, channels))
-    for i in range(1, size):
-        out.add_(buf.narrow(1, i, channels))
-    return out
-
-
-def _inverse_power(denom: Tensor, beta: float, out: Tensor) -> Tensor:
-    """``out = denom ** -beta``; CPU pow is ~3x slower than sqrt/rsqrt, so special-case 0.75."""
-    if beta == 0.75 and _is_cpu(denom):
-        torch.sqrt(denom, out=out)
-        return out.mul_(denom).rsqrt_()
-    return torch.pow(denom, -beta, out=out)
-
-
-def _denominator(
-    x: Tensor, squares: Tensor, inner: Tensor, size: int, alpha: float, k: float, out: Tensor
-) -> Tensor:
-    """``out = k + alpha/n * window_sum(x^2)`` via ``squares``, whose pads hold k/n."""
-    # Every window sums n entries of (k/n + alpha/n * x^2), which yields k without an
-    # extra pass over the data.
-    share = torch.full((), k / size, dtype=x.dtype, device=x.device)
-    torch.addcmul(share, x, x, value=alpha / size, out=inner)
-    return _window_total(squares, size, out)
-
-
-class _Chunks:
-    """Scratch space for walking the batch in chunks that keep temporaries in cache (CPU)."""
-
-    def __init__(self, x: Tensor, size: int, alpha: float, k: float) -> None:
-        self.size, self.alpha, self.k = size, alpha, k
-        self.fmt = _memory_format(x)
-        self.rows = max(1, min(x.shape[0], _CHUNK_ELEMENTS // max(1, x[0].numel())))
-        self.squares, self.inner = _padded(x, self.rows, size, size // 2, k / size, self.fmt)
-        shape = (self.rows, *x.shape[1:])
-        self.denom = torch.empty(shape, dtype=x.dtype, device=x.device, memory_format=self.fmt)
-        self.scale = torch.empty_like(self.denom)
-
-    def spans(self, n: int) -> list[tuple[int, int]]:
-        return [(s, min(self.rows, n - s)) for s in range(0, n, self.rows)]
-
-    def terms(self, xc: Tensor, beta: float) -> tuple[Tensor, Tensor]:
-        """(d, d ** -beta) for the chunk ``xc``, in scratch space."""
-        m = xc.shape[0]
-        squares, inner = self.squares.narrow(0, 0, m), self.inner.narrow(0, 0, m)
-        denom = _denominator(xc, squares, inner, self.size, self.alpha, self.k, self.denom[:m])
-        return denom, _inverse_power(denom, beta, self.scale.narrow(0, 0, m))
-
-
-def _cpu_forward(x: Tensor, size: int, alpha: float, beta: float, k: float) -> Tensor:
-    # Fresh full-size CPU tensors cost page faults on first touch (more than the arithmetic),
-    # so only the output is full size; the rest lives in chunk-sized scratch.
-    y = torch.empty_like(x)
-    work = _Chunks(x, size, alpha, k)
-    for start, m in work.spans(x.shape[0]):
-        xc = x.narrow(0, start, m)
-        _, scale = work.terms(xc, beta)
-        torch.mul(xc, scale, out=y.narrow(0, start, m))
-    return y
-
-
-def _cpu_backward(x: Tensor, grad: Tensor, size: int, alpha: float, beta: float, k: float) -> Tensor:
-    """grad_x = g d^-b - (2ab/n) x S'(g x d^(-b-1)), recomputing d per chunk (see _cpu_forward)."""
-    grad_x = torch.empty_like(x)
-    work = _Chunks(x, size, alpha, k)
-    # Transposed window: see _plain_backward.
-    spread_buf, spread_in = _padded(x, work.rows, size, (size - 1) // 2, 0.0, work.fmt)
-    spread = torch.empty_like(work.denom)
-    coeff = -2.0 * alpha * beta / size
-    for start, m in work.spans(x.shape[0]):
-        xc, gc, gxc = (t.narrow(0, start, m) for t in (x, grad, grad_x))
-        denom, scale = work.terms(xc, beta)
-        torch.mul(gc, xc, out=spread_in[:m]).mul_(scale).div_(denom)
-        total = _window_total(spread_buf[:m], size, spread[:m])
-        torch.mul(gc, scale, out=gxc).addcmul_(xc, total, value=coeff)
-    return grad_x
+def _window_total(buf: Tensor, size: int) -> Tensor:
+    """``out[:, c] = sum(buf[:, c : c + size])`` in one kernel."""
+    return buf.unfold(1, size, 1).sum(dim=-1)
 
 
 def _gpu_forward(
     x: Tensor, size: int, alpha: float, beta: float, k: float, for_grad: bool
 ) -> tuple[Tensor, Tensor | None, Tensor | None]:
-    """(y, d^-b, d^(-b-1)) over the whole batch: GPU memory comes from the caching allocator,
-    so keeping both powers for the backward is cheaper than relaunching kernels for them."""
-    fmt = _memory_format(x)
-    squares, inner = _padded(x, x.shape[0], size, size // 2, k / size, fmt)
-    denom = _denominator(x, squares, inner, size, alpha, k, torch.empty_like(x))
-    scale = _inverse_power(denom, beta, torch.empty_like(x))
-    y = torch.mul(x, scale)
+    """(y, d^-b, d^(-b-1)); the powers only when a backward will need them."""
+    # Pads hold k/n: every window then sums n entries of (k/n + alpha/n x^2), i.e. d.
+    squares, inner = _padded(x, size, size // 2, k / size)
+    share = torch.full((), k / size, dtype=x.dtype, device=x.device)
+    torch.addcmul(share, x, x, value=alpha / size, out=inner)
+    denom = _window_total(squares, size)
+    scale = denom.pow(-beta)
+    y = x * scale
     if not for_grad:
         return y, None, None
-    return y, scale, torch.div(scale, denom)
+    return y, scale, scale.div(denom)
 
 
 def _gpu_backward(
-    x: Tensor,
-    grad: Tensor,
-    scale: Tensor,
-    scale_over_d: Tensor,
-    size: int,
-    alpha: float,
-    beta: float,
+    x: Tensor, grad: Tensor, scale: Tensor, scale_over_d: Tensor, size: int, alpha: float, beta: float
 ) -> Tensor:
-    before = (size - 1) // 2  # transposed window: see _plain_backward
-    spread_buf, spread_in = _padded(x, x.shape[0], size, before, 0.0, _memory_format(x))
-    torch.mul(grad, x, out=spread_in).mul_(scale_over_d)
-    total = _window_total(spread_buf, size, torch.empty_like(x))
+    spread, inner = _padded(x, size, (size - 1) // 2, 0.0)  # transposed window
+    torch.mul(grad, x, out=inner).mul_(scale_over_d)
+    total = _window_total(spread, size)
     return torch.mul(grad, scale).addcmul_(x, total, value=-2.0 * alpha * beta / size)
 
 
 class _LocalResponseNormFn(torch.autograd.Function):
-    """Fast forward/backward. CPU saves only x (recomputing d is cheaper than page faults);
-    GPUs save d^-b and d^(-b-1) (memory is pooled there, launches are what costs)."""
+    """Analytic forward/backward; CPU saves only x, GPUs also save d^-b and d^(-b-1)."""
 
     @staticmethod
     def forward(ctx, x: Tensor, size: int, alpha: float, beta: float, k: float) -> Tensor:  # type: ignore[override]

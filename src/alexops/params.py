@@ -57,15 +57,15 @@ class PrepareParams:
 
 @dataclass(frozen=True)
 class TrainParams:
-    epochs: int = _rule(4, min=1, max=1000)
+    epochs: int = _rule(16, min=1, max=1000)
     batch_size: int = _rule(128, min=2, max=8192)
     # The paper crops 224 (227 with its geometry) from 256: resize = image_size * resize_ratio.
-    image_size: int = _rule(67, min=67, max=512)
-    resize_ratio: float = _rule(256 / 224, min=1.0, max=2.0)
-    # Scales every hidden width (convs and fc); 1.0 is the paper's network.
-    width: float = _rule(1.0, min=0.05, max=4.0)
+    image_size: int = _rule(99, min=67, max=512)
+    resize_ratio: float = _rule(1.142857, min=1.0, max=2.0)  # 256 / 224
+    # Scales every hidden width (convs and fc); 1.0 is the paper's network, 0.25 fits a 2-core CPU.
+    width: float = _rule(0.25, min=0.05, max=4.0)
     init: str = _rule("kaiming", choices=("paper", "kaiming"))
-    lr: float = _rule(0.01, min=1e-6, max=10.0)
+    lr: float = _rule(0.05, min=1e-6, max=10.0)
     momentum: float = _rule(0.9, min=0.0, max=0.999)
     weight_decay: float = _rule(5e-4, min=0.0, max=0.1)
     schedule: str = _rule("onecycle", choices=("plateau", "onecycle", "cosine", "constant"))
