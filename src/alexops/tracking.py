@@ -29,6 +29,11 @@ def tracking_uri(root: Path) -> str:
 
 
 def _mlflow(root: Path):
+    # MLflow's HTTP client retries with back-off for minutes by default; a server that is
+    # down should stop a stage within seconds (users can raise these in their environment)
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "20")
     # Imported here: MLflow takes seconds to import and most commands never need it.
     logging.getLogger("alembic").setLevel(logging.WARNING)
     import mlflow
