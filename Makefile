@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 MIRROR := /usr/share/datasets/fashion-mnist
 
-.PHONY: install mirror run flow test lint format bench bench-gpu mlflow-ui clean
+.PHONY: install mirror run flow test lint format bench bench-gpu mlflow-ui mlflow-server clean
 
 install: $(STAMP)
 
@@ -27,10 +27,16 @@ mirror:
 	  echo "mirror: not root or no apt-get; fetch will use the official URLs"; \
 	fi
 
-# PRESET=gpu runs the paper's recipe as a DVC experiment (dvc exp run -S ...), params.yaml untouched
+# PRESET=gpu runs the paper's recipe as a DVC experiment (dvc exp run -S ...): DVC records the
+# values with the experiment; the workspace params.yaml then holds them until `git checkout params.yaml`
 PRESET ?=
 run: install mirror
-	PATH="$(CURDIR)/$(BIN):$$PATH" $(if $(PRESET),$(BIN)/dvc exp run $$($(BIN)/python -m alexops.presets $(PRESET)),$(BIN)/dvc repro)
+	@if [ -n "$(PRESET)" ]; then \
+	  flags=$$($(BIN)/python -m alexops.presets $(PRESET)) || exit 2; \
+	  PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/dvc exp run $$flags; \
+	else \
+	  PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/dvc repro; \
+	fi
 	@PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/dvc metrics show
 	@$(BIN)/python -m alexops.summary
 
@@ -63,6 +69,11 @@ bench-gpu:
 
 mlflow-ui: install
 	$(BIN)/mlflow ui --backend-store-uri sqlite:///mlflow.db --host 127.0.0.1 --port 5000
+
+# A tracking server for the pipeline: export MLFLOW_TRACKING_URI=http://127.0.0.1:5000
+mlflow-server: install
+	$(BIN)/mlflow server --backend-store-uri sqlite:///mlflow.db --artifacts-destination ./mlartifacts \
+	  --host 127.0.0.1 --port 5000
 
 clean:
 	rm -rf data artifacts mlruns mlflow.db

@@ -19,9 +19,8 @@ from pathlib import Path
 from prefect import flow, get_run_logger, task
 from prefect.runtime import flow_run
 
-# The order of dvc.yaml's stages; tests/test_flow.py holds the two together.
-STAGES = ("fetch", "prepare", "train", "evaluate", "export", "register")
-PREFECT_FLOW_RUN_ENV = "ALEXOPS_PREFECT_FLOW_RUN_ID"  # read by alexops.tracking
+from alexops.cli import STAGES  # dvc.yaml's stages in order; tests/test_flow.py holds them together
+from alexops.tracking import PREFECT_FLOW_RUN_ENV
 
 
 class StageFailed(RuntimeError):
@@ -44,9 +43,10 @@ def run_stage(stage: str, workspace: str) -> None:
     command = [dvc_executable(), "repro", "--single-item", stage]
     logger.info("running %s in %s", " ".join(command), workspace)
     done = subprocess.run(command, cwd=workspace, env=env, capture_output=True, text=True)
-    for line in (done.stdout + done.stderr).splitlines():
-        if line.strip() and "\r" not in line:
-            logger.info(line)
+    for line in (done.stdout + done.stderr).split("\n"):
+        shown = line.rsplit("\r", 1)[-1].strip()  # a progress bar's last state, as a terminal shows it
+        if shown:
+            logger.info(shown)
     if done.returncode != 0:
         raise StageFailed(f"stage {stage} failed (exit {done.returncode}):\n{done.stderr[-2000:]}")
 

@@ -20,6 +20,13 @@ def registry(env: dict):
     return mlflow.MlflowClient()
 
 
+def mlflow_model_info(env: dict, uri: str):
+    import mlflow
+
+    mlflow.set_tracking_uri(env["MLFLOW_TRACKING_URI"])
+    return mlflow.models.get_model_info(uri)
+
+
 def test_dvc_repro_end_to_end_then_up_to_date_then_partial_rerun(workspace, ws_env):
     dvc = f"{VENV_BIN}/dvc"
     first = run([dvc, "repro"], workspace, ws_env)
@@ -51,6 +58,9 @@ def test_dvc_repro_end_to_end_then_up_to_date_then_partial_rerun(workspace, ws_e
     assert "test_accuracy" in run_data.metrics and "train_loss" in run_data.metrics
     assert run_data.params["train.epochs"] == "2"
     assert any(k.startswith("dvc.prepare.") for k in run_data.tags)
+    info = mlflow_model_info(ws_env, "models:/alexnet-fashion-mnist@champion")
+    assert info.signature.inputs.inputs[0].shape == (-1, 1, 67, 67)
+    assert info.signature.outputs.inputs[0].shape == (-1, 10)
 
     second = run([dvc, "repro"], workspace, ws_env)
     assert stages_run(second.stdout) == []
@@ -63,8 +73,11 @@ def test_dvc_repro_end_to_end_then_up_to_date_then_partial_rerun(workspace, ws_e
     assert stages_run(third.stdout) == ["train", "evaluate", "export", "register"]
     latest = json.loads((reports / "register.json").read_text())
     assert latest["version"] == "2" and latest["previous_champion"] == "1"
-    alias = client.get_model_version_by_alias("alexnet-fashion-mnist", latest["alias"])
-    assert str(alias.version) == "2"
+    promoted = latest["accuracy"] >= record["accuracy"]
+    assert latest["alias"] == ("champion" if promoted else "challenger")
+    assert str(client.get_model_version_by_alias("alexnet-fashion-mnist", "champion").version) == (
+        "2" if promoted else "1"
+    )
 
 
 def test_a_stage_failure_prints_one_clear_error(workspace, ws_env):

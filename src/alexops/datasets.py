@@ -56,11 +56,16 @@ _IDX_DTYPES = {0x08: np.uint8}
 
 def read_idx(path: Path) -> np.ndarray:
     """Read an IDX file (the MNIST family's format): magic, big-endian dims, then data."""
-    data = Path(path).read_bytes()
+    try:
+        data = Path(path).read_bytes()
+    except FileNotFoundError as exc:
+        raise AlexopsError(f"{path} is missing. Fix: run `dvc repro fetch` first.") from exc
     if len(data) < 4 or data[0:2] != b"\0\0" or data[2] not in _IDX_DTYPES:
         raise AlexopsError(f"{path} is not an IDX file of unsigned bytes. Fix: `dvc repro -f fetch`.")
     ndim = data[3]
     header = 4 + 4 * ndim
+    if len(data) < header:
+        raise AlexopsError(f"{path} is truncated inside its header. Fix: `dvc repro -f fetch`.")
     dims = struct.unpack(f">{ndim}I", data[4:header])
     expected = header + int(np.prod(dims))
     if len(data) != expected:

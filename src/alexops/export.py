@@ -79,9 +79,18 @@ def run(params: Params, paths: Paths) -> None:
     model, config, recipe, classes = load_trained(paths.model, "cpu")
     shape = (config["in_channels"], config["image_size"], config["image_size"])
     example = torch.zeros(2, *shape)  # traced at batch 2 so that the batch axis stays symbolic
-    proto = to_onnx(model, example, params.export.opset)
-    add_metadata(proto, classes, recipe.as_dict(), {"width": config["width"], "dataset": params.base.dataset})
-    onnx.checker.check_model(proto)
+    try:
+        proto = to_onnx(model, example, params.export.opset)
+        add_metadata(
+            proto, classes, recipe.as_dict(), {"width": config["width"], "dataset": params.base.dataset}
+        )
+        onnx.checker.check_model(proto)
+    except Exception as exc:  # the exporter and checker raise many kinds; none is the user's data
+        raise AlexopsError(
+            f"ONNX export at opset {params.export.opset} failed ({exc.__class__.__name__}: "
+            f"{(str(exc).splitlines() or [''])[0][:300]}). No ONNX file was written. "
+            "Fix: try export.opset 18 (tested), or report it with the torch and onnx versions."
+        ) from exc
     diffs = parity(proto, model, shape, params.base.seed)
     worst = max(diffs.values())
     if worst > params.export.tolerance:

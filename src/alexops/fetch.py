@@ -3,12 +3,14 @@
 A mirror is a local directory or an http(s) base URL holding `<name>.gz` (or `<name>`).
 Checksums are of the decompressed files, because mirrors gzip with different headers.
 A file is written (atomically) only after its checksum matched, so a corrupt download is
-never kept, and one already present with the right checksum is not fetched again.
+never kept. Run by hand, a file already present with the right checksum is kept as is
+(under `dvc repro` the stage starts from an empty output directory).
 """
 
 from __future__ import annotations
 
 import gzip
+import http.client
 import time
 import urllib.error
 import urllib.request
@@ -89,11 +91,13 @@ def _download(url: str, opts: FetchParams) -> bytes:
         try:
             return _get(url, opts.timeout_s)
         except urllib.error.HTTPError as exc:
-            if exc.code < 500:  # 404 and friends will not improve on a retry
+            if exc.code < 500 and exc.code not in (408, 429):  # a 404 will not improve on a retry
                 raise MirrorError(f"HTTP {exc.code} {exc.reason}") from exc
             reason = f"HTTP {exc.code} {exc.reason}"
-        except (urllib.error.URLError, OSError) as exc:
-            reason = str(getattr(exc, "reason", exc))
+        except (urllib.error.URLError, OSError, http.client.HTTPException) as exc:
+            reason = str(getattr(exc, "reason", exc)) or exc.__class__.__name__
+        except ValueError as exc:  # a malformed URL in fetch.mirrors
+            raise MirrorError(f"not a valid URL ({exc})") from exc
         if attempt < opts.retries:
             time.sleep(min(2 ** (attempt - 1), 10))
     raise MirrorError(f"{reason} (after {opts.retries} attempt(s))")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import io
 import json
 import os
 import tempfile
@@ -30,6 +31,10 @@ def atomic_path(target: Path) -> Iterator[Path]:
     tmp_path = Path(tmp)
     try:
         yield tmp_path
+        # mkstemp makes 0600 files; outputs are read by servers and other users too
+        os.chmod(tmp_path, 0o666 & ~_umask())
+        with open(tmp_path, "rb") as written:  # on disk before the rename makes it visible
+            os.fsync(written.fileno())
         os.replace(tmp_path, target)
     except OSError as exc:
         raise AlexopsError(
@@ -40,9 +45,25 @@ def atomic_path(target: Path) -> Iterator[Path]:
         tmp_path.unlink(missing_ok=True)
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def write_bytes(target: Path, data: bytes) -> None:
     with atomic_path(target) as tmp:
         tmp.write_bytes(data)
+
+
+def save_torch(target: Path, obj: Any) -> None:
+    """torch.save, atomically; serialised in memory first because torch reports a failed
+    write (a full disk) as a RuntimeError from deep inside its zip writer."""
+    import torch
+
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    write_bytes(target, buffer.getvalue())
 
 
 def write_text(target: Path, text: str) -> None:

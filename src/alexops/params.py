@@ -18,7 +18,7 @@ import yaml
 
 from alexops.errors import AlexopsError
 
-DATASETS = ("fashion-mnist",)
+DATASETS = ("fashion-mnist",)  # the keys of alexops.datasets.SPECS (a test holds them together)
 OFFLINE_MIRROR = "/usr/share/datasets/fashion-mnist"
 OFFICIAL_MIRROR = "http://fashion-mnist.s3-website.eu-central-1.amazonaws.com"
 
@@ -32,7 +32,7 @@ def _rule(default: Any, **rules: Any) -> Any:
 @dataclass(frozen=True)
 class BaseParams:
     dataset: str = _rule("fashion-mnist", choices=DATASETS)
-    seed: int = _rule(42, min=0)
+    seed: int = _rule(42, min=0, max=2**31 - 1)
     # "auto" picks CUDA when present, else the CPU.
     device: str = _rule("auto", choices=("auto", "cpu", "cuda"))
 
@@ -42,7 +42,7 @@ class FetchParams:
     # Tried in order; a local directory holding the files (gzipped or not) is a mirror.
     mirrors: tuple[str, ...] = _rule((OFFLINE_MIRROR, OFFICIAL_MIRROR), min_len=1)
     timeout_s: float = _rule(30.0, min=1.0, max=600.0)
-    retries: int = _rule(3, min=1, max=10)
+    retries: int = _rule(3, min=1, max=10)  # attempts per URL, with back-off between them
     # file name → SHA-256 of its decompressed content, replacing the published checksum
     # (a re-packaged or synthetic dataset); empty means: trust only the official files.
     checksums: dict[str, str] = _rule({}, sha256_values=True)
@@ -150,7 +150,13 @@ def from_dict(raw: Any, source: str = "params") -> Params:
         if not isinstance(values, dict):
             raise AlexopsError(f"{source}: `{name}` must be a mapping, got {_kind(values)}.")
         built[name] = _build_section(section_cls, values, source, name)
-    return Params(**built)
+    loaded = Params(**built)
+    if loaded.train.schedule == "plateau" and loaded.train.val_size == 0:
+        raise AlexopsError(
+            f"{source}: train.schedule plateau lowers the learning rate on validation error, but "
+            "train.val_size is 0. Fix: hold out validation images (train.val_size) or pick another schedule."
+        )
+    return loaded
 
 
 def _build_section(cls: type, values: dict, source: str, section: str) -> Any:
@@ -168,8 +174,9 @@ def _build_section(cls: type, values: dict, source: str, section: str) -> Any:
 def _reject_unknown(values: dict, known: dict, source: str, where: str) -> None:
     for key in values:
         if key not in known:
+            shown = f"{where}{key}" if str(key).isprintable() else repr(f"{where}{key}")
             raise AlexopsError(
-                f"{source}: unknown key `{where}{key}`. "
+                f"{source}: unknown key `{shown}`. "
                 f"Fix: remove it or use one of: {', '.join(sorted(known))}."
             )
 

@@ -18,9 +18,12 @@ from alexops.paths import Paths
 
 def run(params: Params, paths: Paths) -> None:
     dataset = spec(params.base.dataset)
-    generator = torch.Generator().manual_seed(params.base.seed)
     splits = {}
-    for split, limit in (("train", params.prepare.max_train), ("test", params.prepare.max_test)):
+    for index, (split, limit) in enumerate(
+        (("train", params.prepare.max_train), ("test", params.prepare.max_test))
+    ):
+        # one generator per split: the test subset must not depend on prepare.max_train
+        generator = torch.Generator().manual_seed(params.base.seed * 2 + index)
         images, labels = subset(*read_split(paths.raw, split), limit, generator)
         splits[split] = (images, labels)
         save_split(paths.prepared / f"{split}.pt", images, labels)
@@ -61,8 +64,7 @@ def channel_statistics(images: torch.Tensor) -> dict:
 
 
 def save_split(target, images: torch.Tensor, labels: torch.Tensor) -> None:
-    with files.atomic_path(target) as tmp:
-        torch.save({"images": images, "labels": labels}, tmp)
+    files.save_torch(target, {"images": images, "labels": labels})
 
 
 def load_split(path) -> tuple[torch.Tensor, torch.Tensor]:

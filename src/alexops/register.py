@@ -11,6 +11,7 @@ import numpy as np
 import onnx
 
 from alexops import files, tracking
+from alexops.errors import AlexopsError
 from alexops.export import INPUT_NAME
 from alexops.params import Params
 from alexops.paths import Paths
@@ -33,10 +34,11 @@ def run(params: Params, paths: Paths) -> None:
     export = files.read_json(paths.reports / "export.json", produced_by="export")
     accuracy = float(evaluation["accuracy"])
     name = params.register.model_name
+    if not paths.onnx.exists():
+        raise AlexopsError(f"{paths.onnx} is missing. Fix: run `dvc repro export` first.")
     proto = onnx.load(str(paths.onnx))
     with tracking.continue_run(paths) as mlflow:
         from mlflow import MlflowClient
-        from mlflow.exceptions import MlflowException
 
         client = MlflowClient()
         run_id = mlflow.active_run().info.run_id
@@ -46,13 +48,13 @@ def run(params: Params, paths: Paths) -> None:
             name="model",
             registered_model_name=name,
             input_example=example_input(proto),
+            signature=signature(proto),
             metadata={"accuracy": accuracy},
         )
         version = str(info.registered_model_version)
-        try:
-            current = client.get_model_version_by_alias(name, CHAMPION)
-        except MlflowException:
-            current = None
+        # read the aliases rather than catch a lookup error, which could also be the network
+        aliases = client.get_registered_model(name).aliases
+        current = client.get_model_version(name, aliases[CHAMPION]) if CHAMPION in aliases else None
         champion_accuracy = None if current is None else float(current.tags.get("accuracy", "nan"))
         if champion_accuracy is not None and np.isnan(champion_accuracy):
             champion_accuracy = None
@@ -80,6 +82,18 @@ def run(params: Params, paths: Paths) -> None:
     }
     files.write_json(paths.reports / "register.json", record)
     print(f"register: {name} version {version} → @{alias} ({reason})")
+
+
+def signature(proto: onnx.ModelProto):
+    """The model's signature from its graph: float32 (-1, C, S, S) in, (-1, classes) out."""
+    from mlflow.models import ModelSignature
+    from mlflow.types import Schema, TensorSpec
+
+    def spec(value_info) -> TensorSpec:
+        dims = [d.dim_value or -1 for d in value_info.type.tensor_type.shape.dim]
+        return TensorSpec(np.dtype(np.float32), tuple(dims), value_info.name)
+
+    return ModelSignature(Schema([spec(proto.graph.input[0])]), Schema([spec(proto.graph.output[0])]))
 
 
 def example_input(proto: onnx.ModelProto) -> np.ndarray:

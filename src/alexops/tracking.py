@@ -48,7 +48,7 @@ def _reachable(mlflow, root: Path) -> None:
     except Exception as exc:  # connection refused, bad URI, locked DB: all stop here
         raise AlexopsError(
             f"cannot reach the MLflow tracking store {tracking_uri(root)} ({exc.__class__.__name__}: "
-            f"{str(exc).splitlines()[0][:200]}). Fix: start the server (`make mlflow-server`) or "
+            f"{(str(exc).splitlines() or [''])[0][:200]}). Fix: start the server (`make mlflow-server`) or "
             "point MLFLOW_TRACKING_URI at a running one; unset it to use ./mlflow.db."
         ) from exc
 

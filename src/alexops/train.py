@@ -15,12 +15,14 @@ import json
 import math
 import time
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from alexops import augment, distributed, files, tracking
+from alexops import augment, distributed, files, lrn, tracking
+from alexops import model as model_module
 from alexops.errors import AlexopsError
 from alexops.evaluate import predict_probabilities
 from alexops.model import AlexNet, count_parameters, pick_device
@@ -78,7 +80,9 @@ def fingerprint(params: Params, paths: Paths) -> str:
     """What a checkpoint must match to be resumed: the train params, seed and data."""
     blob = json.dumps({"train": asdict(params.train), "seed": params.base.seed}, sort_keys=True)
     data = files.sha256_file(paths.prepared / "train.pt")
-    return hashlib.sha256(f"{blob}{data}".encode()).hexdigest()
+    # the code that shapes the weights: a changed model or loop must not resume old weights
+    code = "".join(files.sha256_file(Path(module.__file__)) for module in (augment, lrn, model_module))
+    return hashlib.sha256(f"{blob}{data}{code}{files.sha256_file(Path(__file__))}".encode()).hexdigest()
 
 
 @dataclass
@@ -301,8 +305,12 @@ def resume(paths: Paths, expected: str, session: Session) -> tuple[Progress, str
     if state.get("fingerprint") != expected:
         print("train: checkpoint is from other params or data; starting afresh")
         return Progress(), None
-    session.model.load_state_dict(state["model"])
-    session.optimizer.load_state_dict(state["optimizer"])
+    try:
+        session.model.load_state_dict(state["model"])
+        session.optimizer.load_state_dict(state["optimizer"])
+    except (RuntimeError, ValueError, KeyError) as exc:
+        print(f"train: checkpoint does not fit this model ({exc.__class__.__name__}); starting afresh")
+        return Progress(), None
     torch.set_rng_state(state["rng_cpu"])
     progress = Progress(
         state["epoch"], json.loads(state["history"]), PlateauState(**json.loads(state["plateau"]))
@@ -322,8 +330,7 @@ def save_checkpoint(paths: Paths, session: Session, progress: Progress, fp: str,
         "fingerprint": fp,
         "run_id": run_id,
     }
-    with files.atomic_path(paths.checkpoint) as tmp:
-        torch.save(state, tmp)
+    files.save_torch(paths.checkpoint, state)
 
 
 def write_outputs(paths: Paths, session: Session, stats: dict, progress: Progress) -> None:
@@ -334,8 +341,7 @@ def write_outputs(paths: Paths, session: Session, stats: dict, progress: Progres
         "classes": json.dumps(stats["classes"]),
         "state_dict": {k: v.cpu() for k, v in model.state_dict().items()},
     }
-    with files.atomic_path(paths.model) as tmp:
-        torch.save(trained, tmp)
+    files.save_torch(paths.model, trained)
     last = progress.history[-1]
     summary = {
         "epochs": last["epoch"],

@@ -1,0 +1,102 @@
+"""The pure pieces: augmentation, statistics, schedules, the promotion rule, the confusion matrix."""
+
+import math
+
+import pytest
+import torch
+
+from alexops import augment, datasets, params, prepare, register, train
+from alexops.evaluate import confusion_matrix
+
+RECIPE = augment.Recipe.create(67, 256 / 224, [0.5], [0.25])
+
+
+def test_crop_and_flip_picks_real_windows_and_mirrors_about_half():
+    x = torch.arange(2 * 1 * 10 * 10, dtype=torch.float32).view(2, 1, 10, 10).repeat(200, 1, 1, 1)
+    crops = augment.crop_and_flip(x, 4, flip=True, generator=torch.Generator().manual_seed(0))
+    assert crops.shape == (400, 1, 4, 4)
+    mirrored = 0
+    for crop, image in zip(crops, x, strict=True):
+        row0 = crop[0, 0]
+        top, left = divmod(int(min(row0[0], row0[-1]).item()) % 100, 10)
+        window = image[0, top : top + 4, left : left + 4]
+        assert torch.equal(crop[0], window) or torch.equal(crop[0], window.flip(-1))
+        mirrored += not torch.equal(crop[0], window)
+    assert 120 < mirrored < 280
+
+
+def test_pca_lighting_shifts_each_image_along_the_eigenvectors():
+    eigvec = torch.tensor([[0.6, -0.8], [0.8, 0.6]])
+    lighting = augment.Lighting(torch.tensor([0.5, 0.1]), eigvec, std=0.1)
+    x = torch.zeros(4000, 2, 3, 3)
+    shifted = augment.pca_lighting(x, lighting, torch.Generator().manual_seed(0))
+    per_image = shifted[:, :, 0, 0]
+    assert torch.equal(shifted, per_image[:, :, None, None].expand_as(shifted))  # same shift per image
+    coords = per_image @ eigvec  # back to the eigen-basis: α_i λ_i, α ~ N(0, 0.1)
+    assert coords.std(0).tolist() == pytest.approx([0.05, 0.01], rel=0.1)
+    assert augment.pca_lighting(x, augment.Lighting(lighting.eigval, eigvec, 0.0), None) is x
+
+
+def test_channel_statistics_recover_a_known_covariance():
+    generator = torch.Generator().manual_seed(0)
+    mixing = torch.tensor([[0.2, 0.0, 0.0], [0.1, 0.1, 0.0], [0.0, 0.05, 0.02]])
+    pixels = (torch.randn(200_000, 3, generator=generator) @ mixing.T + 0.5).clamp(0, 1)
+    images = (pixels * 255).round().to(torch.uint8).T.reshape(3, 2000, 10, 10).permute(1, 0, 2, 3)
+    stats = prepare.channel_statistics(images)
+    expected = torch.linalg.eigvalsh((mixing @ mixing.T).double())
+    assert stats["eigval"] == pytest.approx(expected.tolist(), rel=0.05, abs=1e-4)
+    assert stats["mean"] == pytest.approx([0.5, 0.5, 0.5], abs=0.01)
+
+
+def test_ten_crop_views_are_corners_centre_and_mirrors():
+    images = torch.randint(0, 256, (3, 1, 28, 28), dtype=torch.uint8)
+    views = augment.ten_crop_views(images, RECIPE)
+    assert views.shape == (10, 3, 1, 67, 67)
+    assert torch.equal(views[5:], views[:5].flip(-1))
+    assert torch.allclose(views[4], augment.preprocess(images, RECIPE))
+
+
+def test_schedules():
+    opts = params.from_dict(
+        {"train": {"epochs": 10, "lr": 0.1, "schedule": "cosine", "warmup_epochs": 1}}
+    ).train
+    lrs = [train.lr_at(opts, step, 100, 1.0) for step in range(100)]
+    assert lrs[0] == pytest.approx(0.01) and lrs[9] == pytest.approx(0.1)
+    assert lrs[10] == pytest.approx(0.1) and lrs[-1] < 1e-3
+    onecycle = params.from_dict({"train": {"epochs": 10, "lr": 0.1}}).train
+    lrs = [train.lr_at(onecycle, step, 100, 1.0) for step in range(100)]
+    assert lrs[0] == pytest.approx(0.004) and max(lrs) == pytest.approx(0.1) and lrs[-1] < 1e-3
+    plateau = params.from_dict({"train": {"lr": 0.01, "schedule": "plateau"}}).train
+    assert train.lr_at(plateau, 50, 100, 0.1) == pytest.approx(0.001)
+
+
+def test_plateau_divides_by_ten_after_patience_runs_out():
+    state = train.PlateauState()
+    for error in (0.5, 0.4, 0.4, 0.4):
+        state.update(error)
+    assert state.scale == pytest.approx(0.1) and state.best_error == 0.4
+    state.update(0.3)
+    assert state.scale == pytest.approx(0.1) and state.bad_epochs == 0
+
+
+@pytest.mark.parametrize(
+    ("new", "champion", "promote"),
+    [(0.9, None, True), (0.9, 0.9, True), (0.91, 0.9, True), (0.89, 0.9, False)],
+)
+def test_promotion_rule(new, champion, promote):
+    assert register.decide(new, champion)[0] is promote
+
+
+def test_confusion_matrix_counts_actual_by_predicted():
+    matrix = confusion_matrix(torch.tensor([0, 0, 1, 2]), torch.tensor([0, 1, 1, 0]), 3)
+    assert matrix.tolist() == [[1, 1, 0], [0, 1, 0], [1, 0, 0]]
+
+
+def test_dataset_choices_match_the_known_datasets():
+    assert set(params.DATASETS) == set(datasets.SPECS)
+
+
+def test_plateau_without_validation_is_rejected():
+    with pytest.raises(params.AlexopsError, match="val_size"):
+        params.from_dict({"train": {"schedule": "plateau", "val_size": 0}})
+    assert math.isfinite(params.from_dict({"train": {"schedule": "cosine", "val_size": 0}}).train.lr)
