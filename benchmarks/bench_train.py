@@ -68,7 +68,7 @@ def time_alexops(images, labels, opts, device, steps: int, warmup: int) -> dict:
         index = torch.randint(0, len(labels), (opts.batch_size,), device=device, generator=generator)
         started = time.perf_counter()
         x = augment.train_batch(images[index], session.recipe, session.lighting, opts.flip, generator)
-        if device.type == "cuda" and opts.channels_last:
+        if opts.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         if timed_data:
             sync(device)

@@ -76,7 +76,7 @@ class TrainParams:
     flip: bool = _rule(True)
     lighting_std: float = _rule(0.1, min=0.0, max=1.0)
     dropout: float = _rule(0.5, min=0.0, max=0.95)
-    # CUDA only: bf16 autocast and channels_last memory format; compile works on both.
+    # bf16 autocast on CUDA only; channels_last (NHWC) and torch.compile on both devices.
     amp: bool = _rule(True)
     channels_last: bool = _rule(True)
     compile: bool = _rule(False)

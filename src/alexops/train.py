@@ -118,7 +118,7 @@ def build(
     model = AlexNet(**config, init=opts.init).to(device)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # fixed input shapes: let cuDNN pick kernels
-    if device.type == "cuda" and opts.channels_last:
+    if opts.channels_last:  # faster on both: measured +16% (227 px) to +30% (99 px) on a 2-core CPU
         model = model.to(memory_format=torch.channels_last)
     optimizer = torch.optim.SGD(
         model.parameters(), lr=opts.lr, momentum=opts.momentum, weight_decay=opts.weight_decay
@@ -252,7 +252,7 @@ def train_epoch(model, session: Session, images, labels, opts: TrainParams, epoc
             group["lr"] = lr
         index = order[step * batch_size : (step + 1) * batch_size]
         x = augment.train_batch(images[index], recipe, lighting, opts.flip, generator)
-        if device.type == "cuda" and opts.channels_last:
+        if opts.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         y = labels[index]
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
