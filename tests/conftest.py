@@ -124,3 +124,17 @@ def prepared(tmp_path, tiny_mirror, monkeypatch):
     prepare.run(loaded, paths)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/mlflow.db")
     return root
+
+
+def stage_command(root: Path, stage: str) -> list[str]:
+    """`alexops <stage>` on a project root, as DVC would run it there."""
+    return [
+        sys.executable,
+        "-m",
+        "alexops.cli",
+        "--root",
+        str(root),
+        "--params",
+        str(root / "params.yaml"),
+        stage,
+    ]

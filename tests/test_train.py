@@ -4,12 +4,12 @@ import os
 import shutil
 import signal
 import subprocess
-import sys
 import time
 
 import pytest
 import torch
 import yaml
+from conftest import stage_command
 
 from alexops import files, params, train
 from alexops.errors import AlexopsError
@@ -17,16 +17,7 @@ from alexops.paths import Paths
 
 
 def train_command(root):
-    return [
-        sys.executable,
-        "-m",
-        "alexops.cli",
-        "--root",
-        str(root),
-        "--params",
-        str(root / "params.yaml"),
-        "train",
-    ]
+    return stage_command(root, "train")
 
 
 def state_of(root):

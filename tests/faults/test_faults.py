@@ -21,7 +21,7 @@ import mlflow
 import pytest
 import torch
 import yaml
-from conftest import VENV_BIN, run
+from conftest import VENV_BIN, run, stage_command
 
 DVC = f"{VENV_BIN}/dvc"
 DATASET = "fashion-mnist"
@@ -129,8 +129,7 @@ def test_full_disk_while_writing_is_one_clear_error_and_keeps_the_old_output(pre
     target = prepared / "data" / "prepared" / DATASET / "train.pt"
     before = target.read_bytes()
     done = subprocess.run(
-        [sys.executable, "-m", "alexops.cli", "--root", str(prepared), "--params",
-         str(prepared / "params.yaml"), "prepare"],
+        stage_command(prepared, "prepare"),
         capture_output=True, text=True, preexec_fn=_limit_file_size,
     )  # fmt: skip
     assert done.returncode == 2, done.stderr
@@ -144,8 +143,7 @@ def test_an_unwritable_output_directory_is_one_clear_error(prepared):
     artifacts = prepared / "artifacts"
     artifacts.write_text("a file where the artifacts directory should be")
     done = subprocess.run(
-        [sys.executable, "-m", "alexops.cli", "--root", str(prepared), "--params",
-         str(prepared / "params.yaml"), "train"],
+        stage_command(prepared, "train"),
         capture_output=True, text=True,
     )  # fmt: skip
     assert done.returncode == 2, done.stderr
@@ -218,16 +216,7 @@ def stop(server: subprocess.Popen) -> None:
 
 def alexops(root: Path, stage: str, uri: str) -> subprocess.CompletedProcess:
     env = dict(os.environ, MLFLOW_TRACKING_URI=uri)
-    command = [
-        sys.executable,
-        "-m",
-        "alexops.cli",
-        "--root",
-        str(root),
-        "--params",
-        str(root / "params.yaml"),
-    ]
-    return subprocess.run([*command, stage], capture_output=True, text=True, env=env)
+    return subprocess.run(stage_command(root, stage), capture_output=True, text=True, env=env)
 
 
 def test_tracking_server_down_at_start_stops_train_before_any_work(prepared):
