@@ -174,11 +174,15 @@ def _build_section(cls: type, values: dict, source: str, section: str) -> Any:
 def _reject_unknown(values: dict, known: dict, source: str, where: str) -> None:
     for key in values:
         if key not in known:
-            shown = f"{where}{key}" if str(key).isprintable() else repr(f"{where}{key}")
+            shown = printable(f"{where}{key}")
             raise AlexopsError(
-                f"{source}: unknown key `{shown}`. "
-                f"Fix: remove it or use one of: {', '.join(sorted(known))}."
+                f"{source}: unknown key `{shown}`. Fix: remove it or use one of: {', '.join(sorted(known))}."
             )
+
+
+def printable(text: str) -> str:
+    """`text`, with control characters escaped so that an error stays one readable line."""
+    return text if text.isprintable() else text.encode("unicode_escape").decode("ascii")
 
 
 def _check(key: str, value: Any, hint: Any, rules: typing.Mapping[str, Any]) -> Any:

@@ -30,14 +30,14 @@ def loads_cleanly(raw) -> bool:
     return True
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=300, deadline=None, derandomize=True)
 @given(section=st.sampled_from(sorted(SECTIONS)), data=st.data(), value=scalars)
 def test_any_value_for_a_known_key_is_accepted_or_a_clean_error(section, data, value):
     key = data.draw(st.sampled_from(KEYS[section]))
     assert loads_cleanly({section: {key: value}})
 
 
-@settings(max_examples=200, deadline=None)
+@settings(max_examples=200, deadline=None, derandomize=True)
 @given(section=st.sampled_from(sorted(SECTIONS)), key=st.text(min_size=1, max_size=15), value=scalars)
 def test_unknown_keys_are_always_named(section, key, value):
     if key in KEYS[section]:
@@ -45,12 +45,12 @@ def test_unknown_keys_are_always_named(section, key, value):
     try:
         params.from_dict({section: {key: value}})
     except AlexopsError as exc:
-        assert key in str(exc)
+        assert params.printable(key) in str(exc)
     else:
         raise AssertionError(f"unknown key {key!r} was accepted")
 
 
-@settings(max_examples=200, deadline=None)
+@settings(max_examples=200, deadline=None, derandomize=True)
 @given(raw=st.one_of(scalars, st.dictionaries(st.text(max_size=10), scalars, max_size=4)))
 def test_arbitrary_documents_never_raise_anything_else(raw):
     assert loads_cleanly(raw)
