@@ -5,7 +5,8 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 MIRROR := /usr/share/datasets/fashion-mnist
 
-.PHONY: install mirror run flow test lint format bench bench-gpu mlflow-ui mlflow-server clean
+.PHONY: install mirror run flow test lint format bench bench-gpu mlflow-ui mlflow-server clean \
+	prefect-server deploy push pull serve bench-serve
 
 install: $(STAMP)
 
@@ -41,7 +42,27 @@ run: install mirror
 	@$(BIN)/python -m alexops.summary
 
 flow: install mirror
-	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m pipeline.flows
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m pipeline.flows $(ARGS)
+
+# Prefect: a local server with its UI, then the deployments of prefect.yaml and a worker.
+PREFECT_API ?= http://127.0.0.1:4200/api
+prefect-server: install
+	$(BIN)/prefect server start --host 127.0.0.1 --port 4200
+
+# Needs `make prefect-server` running (or PREFECT_API pointing at a server). The worker runs
+# scheduled and UI-triggered runs in this checkout until stopped (Ctrl-C).
+deploy: install mirror
+	PREFECT_API_URL=$(PREFECT_API) $(BIN)/prefect work-pool create alexops --type process --overwrite
+	PREFECT_API_URL=$(PREFECT_API) ALEXOPS_WORKSPACE=$(CURDIR) $(BIN)/prefect --no-prompt deploy --all
+	PREFECT_API_URL=$(PREFECT_API) PATH="$(CURDIR)/$(BIN):$$PATH" \
+	  $(BIN)/prefect worker start --pool alexops --limit 1
+
+# DVC remote (default: ../alexops-dvc-remote; change it with
+# `dvc remote modify --local local url /some/dir`): data and models in and out.
+push: install
+	$(BIN)/dvc push
+pull: install
+	$(BIN)/dvc pull
 
 test: install
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m pytest
@@ -59,6 +80,8 @@ bench: install mirror
 	$(BIN)/python benchmarks/bench_lrn.py
 	$(BIN)/python benchmarks/bench_train.py --device cpu --image-size 227 --width 1.0 --steps 3 --seed-steps 3 \
 	  --out benchmarks/results/train-cpu-227.json
+	$(BIN)/python benchmarks/bench_train.py --device cpu --image-size 227 --width 1.0 --steps 3 --seed-steps 3 \
+	  --set train.amp=true --out benchmarks/results/train-cpu-227-bf16.json
 	$(BIN)/python benchmarks/bench_train.py --device cpu --params params.yaml --steps 10 --seed-steps 3 \
 	  --epochs $$($(BIN)/python -c "import yaml; print(yaml.safe_load(open('params.yaml'))['train']['epochs'])") \
 	  --out benchmarks/results/train-cpu-default.json
@@ -66,6 +89,16 @@ bench: install mirror
 # The prepared GPU run (one call on a machine with CUDA and PyTorch).
 bench-gpu:
 	PY=$(BIN)/python bash benchmarks/gpu_check.sh
+
+# The @champion of params.yaml's dataset on http://127.0.0.1:8000 (onnxruntime, hot reload when the
+# alias moves). Other models and options: make serve ARGS="--model-uri artifacts/fashion-mnist/model.int8.onnx"
+ARGS ?=
+serve: install
+	$(BIN)/alexops serve $(ARGS)
+
+# PyTorch eager vs onnxruntime fp32 vs int8, and a 30 s loopback load test (benchmarks/results/serve.json)
+bench-serve: install
+	$(BIN)/python benchmarks/bench_serve.py
 
 mlflow-ui: install
 	$(BIN)/mlflow ui --backend-store-uri sqlite:///mlflow.db --host 127.0.0.1 --port 5000

@@ -62,7 +62,7 @@ def time_alexops(images, labels, opts, device, steps: int, warmup: int) -> dict:
     model = torch.compile(session.model) if opts.compile else session.model
     images, labels = images.to(device), labels.to(device)
     generator = torch.Generator(device=device).manual_seed(0)
-    amp = device.type == "cuda" and opts.amp
+    amp = train.autocast_enabled(device, opts)
 
     def step(i: int, timed_data: bool = False) -> float:
         index = torch.randint(0, len(labels), (opts.batch_size,), device=device, generator=generator)

@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import io
 import os
+import pickle
 import shutil
 import struct
 import subprocess
 import sys
+import tarfile
 from pathlib import Path
 
 import numpy as np
@@ -68,6 +71,9 @@ def tiny_params(mirror: Path, checksums: dict[str, str], **train) -> dict:
         "val_size": 40, "lr": 0.02, **train,
     }  # fmt: skip
     params["evaluate"] |= {"batch_size": 64}
+    params["register"] |= {"min_accuracy": 0.0}  # a 2-epoch tiny model is no better than chance
+    # 80 test images: one changed prediction is 1.25 points, so the int8 gate cannot hold here
+    params["quantize"] = {"calibration_images": 64, "max_accuracy_drop": 1.0}
     return params
 
 
@@ -138,3 +144,126 @@ def stage_command(root: Path, stage: str) -> list[str]:
         str(root / "params.yaml"),
         stage,
     ]
+
+
+# --- CIFAR-10: tiny archives in the published python-version format ---------------------------
+
+
+CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
+CIFAR10_FOLDER = "cifar-10-batches-py"
+_RECONSTRUCT = np.ndarray((0,), np.uint8).__reduce__()[0]
+
+
+class Py2Pickler(pickle._Pickler):
+    """Pickles as Python 2's cPickle did when CIFAR-10 was published (protocol 2): every string is
+    an 8-bit string, which encoding='bytes' reads back as bytes, and numpy's array rebuilder is
+    numpy.core.multiarray._reconstruct. Python 3's own protocol 2 would pickle bytes through
+    _codecs.encode, a global the published batches never name."""
+
+    dispatch = pickle._Pickler.dispatch.copy()
+
+    def save_8bit_string(self, obj):
+        data = obj if isinstance(obj, bytes) else obj.encode("latin-1")
+        if len(data) < 256:
+            self.write(pickle.SHORT_BINSTRING + bytes([len(data)]) + data)
+        else:
+            self.write(pickle.BINSTRING + struct.pack("<i", len(data)) + data)
+        self.memoize(obj)
+
+    dispatch[bytes] = save_8bit_string
+    dispatch[str] = save_8bit_string
+
+    def save_global(self, obj, name=None):
+        if obj is _RECONSTRUCT:  # numpy 2 calls it numpy._core.multiarray._reconstruct
+            self.write(pickle.GLOBAL + b"numpy.core.multiarray\n_reconstruct\n")
+            self.memoize(obj)
+        else:
+            super().save_global(obj, name)
+
+
+def py2_pickle(obj) -> bytes:
+    buffer = io.BytesIO()
+    Py2Pickler(buffer, protocol=2).dump(obj)
+    return buffer.getvalue()
+
+
+def cifar10_synthetic_split(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Ten learnable classes: class c is a bright bar at rows 3c..3c+2 of colour channel c % 3."""
+    rng = np.random.default_rng(seed)
+    labels = np.arange(n) % 10
+    rng.shuffle(labels)
+    images = rng.integers(0, 60, size=(n, 3, 32, 32))
+    for i, c in enumerate(labels):
+        images[i, c % 3, 3 * c : 3 * c + 3, 2:30] = 230
+    return images.astype(np.uint8), labels.astype(np.int64)
+
+
+def cifar10_batch_pickle(images: np.ndarray, labels, batch_label: str) -> bytes:
+    """One batch as published: rows of 1024 red, 1024 green, 1024 blue bytes, labels a list."""
+    rows = np.ascontiguousarray(images, dtype=np.uint8).reshape(len(images), -1)
+    return py2_pickle(
+        {
+            b"batch_label": batch_label.encode(),
+            b"labels": [int(v) for v in labels],
+            b"data": rows,
+            b"filenames": [f"synthetic_{i:05d}.png".encode() for i in range(len(rows))],
+        }
+    )
+
+
+def cifar10_meta_pickle(classes=CIFAR10_CLASSES) -> bytes:
+    names = [c.encode() for c in classes]
+    return py2_pickle({b"num_cases_per_batch": 10000, b"label_names": names, b"num_vis": 3072})
+
+
+def cifar10_members(n_train: int = 100, n_test: int = 20, seed: int = 5) -> dict[str, bytes]:
+    """Member name → bytes of the published archive: train spread over data_batch_1..5."""
+    images, labels = cifar10_synthetic_split(n_train, seed)
+    members = {
+        f"{CIFAR10_FOLDER}/data_batch_{i + 1}": cifar10_batch_pickle(
+            images[part], labels[part], f"training batch {i + 1} of 5"
+        )
+        for i, part in enumerate(np.array_split(np.arange(n_train), 5))
+    }
+    test_images, test_labels = cifar10_synthetic_split(n_test, seed + 1)
+    members[f"{CIFAR10_FOLDER}/test_batch"] = cifar10_batch_pickle(
+        test_images, test_labels, "testing batch 1 of 1"
+    )
+    members[f"{CIFAR10_FOLDER}/batches.meta"] = cifar10_meta_pickle()
+    members[f"{CIFAR10_FOLDER}/readme.html"] = b"<html>synthetic CIFAR-10</html>"
+    return members
+
+
+def cifar10_tar_gz(members: dict[str, bytes], symlinks: dict[str, str] | None = None) -> bytes:
+    """A .tar.gz holding the folder entry, `members` (name → bytes) and `symlinks` (name → target).
+    Fixed times, so the same members always give the same checksum."""
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w", format=tarfile.GNU_FORMAT) as tar:
+        folder = tarfile.TarInfo(CIFAR10_FOLDER)
+        folder.type, folder.mode = tarfile.DIRTYPE, 0o755
+        tar.addfile(folder)
+        for name, data in members.items():
+            info = tarfile.TarInfo(name)
+            info.size, info.mode = len(data), 0o644
+            tar.addfile(info, io.BytesIO(data))
+        for name, target in (symlinks or {}).items():
+            info = tarfile.TarInfo(name)
+            info.type, info.linkname = tarfile.SYMTYPE, target
+            tar.addfile(info)
+    return gzip.compress(buffer.getvalue(), mtime=0)
+
+
+def write_cifar10_mirror(
+    directory: Path, n_train: int = 100, n_test: int = 20, seed: int = 5
+) -> dict[str, str]:
+    """Write cifar-10-python.tar.gz; return {name: SHA-256 of the archive}, for fetch.checksums."""
+    directory.mkdir(parents=True, exist_ok=True)
+    archive = cifar10_tar_gz(cifar10_members(n_train, n_test, seed))
+    (directory / "cifar-10-python.tar.gz").write_bytes(archive)
+    return {"cifar-10-python.tar.gz": hashlib.sha256(archive).hexdigest()}
+
+
+@pytest.fixture(scope="session")
+def tiny_cifar10_mirror(tmp_path_factory) -> tuple[Path, dict[str, str]]:
+    directory = tmp_path_factory.mktemp("cifar10-mirror")
+    return directory, write_cifar10_mirror(directory)

@@ -14,7 +14,7 @@ REPO = Path(__file__).resolve().parents[1]
 def test_repository_params_load_with_every_section():
     loaded = params.load(REPO / "params.yaml")
     assert loaded.base.dataset == "fashion-mnist"
-    assert loaded.fetch.mirrors[0] == params.OFFLINE_MIRROR
+    assert loaded.fetch.mirrors == (params.DEFAULT_MIRRORS,)
     assert loaded.train.image_size >= 67
     flat = loaded.as_flat_dict()
     assert flat["train.epochs"] == loaded.train.epochs
@@ -47,7 +47,7 @@ def test_missing_sections_take_defaults():
         ({"fetch": {"mirrors": "/tmp"}}, "fetch.mirrors"),
         ({"fetch": {"checksums": {"train-images-idx3-ubyte": "abc"}}}, "fetch.checksums"),
         ({"prepare": {"max_train": -1}}, "prepare.max_train"),
-        ({"register": {"model_name": "bad name!"}}, "register.model_name"),
+        ({"register": {"model_prefix": "bad name!"}}, "register.model_prefix"),
     ],
 )
 def test_bad_values_name_the_key(raw, names):

@@ -30,7 +30,9 @@ def mlflow_model_info(env: dict, uri: str):
 def test_dvc_repro_end_to_end_then_up_to_date_then_partial_rerun(workspace, ws_env):
     dvc = f"{VENV_BIN}/dvc"
     first = run([dvc, "repro"], workspace, ws_env)
-    assert stages_run(first.stdout) == ["fetch", "prepare", "train", "evaluate", "export", "register"]
+    assert stages_run(first.stdout) == [
+        "fetch", "prepare", "train", "evaluate", "export", "quantize", "register",
+    ]  # fmt: skip
 
     reports = workspace / "reports" / "fashion-mnist"
     evaluation = json.loads((reports / "evaluate.json").read_text())
@@ -66,18 +68,80 @@ def test_dvc_repro_end_to_end_then_up_to_date_then_partial_rerun(workspace, ws_e
     assert stages_run(second.stdout) == []
     assert "up to date" in second.stdout
 
-    params = yaml.safe_load((workspace / "params.yaml").read_text())
-    params["train"]["epochs"] = 1
-    (workspace / "params.yaml").write_text(yaml.safe_dump(params))
-    third = run([dvc, "repro"], workspace, ws_env)
-    assert stages_run(third.stdout) == ["train", "evaluate", "export", "register"]
+    # an experiment from the command line: params for this run only, listed by `dvc exp show`;
+    # the gate keeps its model out of @champion since it misses register.min_accuracy
+    third = run(
+        [dvc, "exp", "run", "-S", "train.epochs=1", "-S", "register.min_accuracy=1.0"], workspace, ws_env
+    )
+    assert stages_run(third.stdout) == ["train", "evaluate", "export", "quantize", "register"]
     latest = json.loads((reports / "register.json").read_text())
     assert latest["version"] == "2" and latest["previous_champion"] == "1"
-    promoted = latest["accuracy"] >= record["accuracy"]
-    assert latest["alias"] == ("champion" if promoted else "challenger")
-    assert str(client.get_model_version_by_alias("alexnet-fashion-mnist", "champion").version) == (
-        "2" if promoted else "1"
-    )
+    assert latest["alias"] == "challenger" and "register.min_accuracy" in latest["reason"]
+    assert str(client.get_model_version_by_alias("alexnet-fashion-mnist", "champion").version) == "1"
+    assert "min_accuracy" in client.get_model_version("alexnet-fashion-mnist", "2").tags["decision"]
+    shown = run([dvc, "exp", "show", "--no-pager", "--md"], workspace, ws_env).stdout
+    assert "accuracy" in shown and "train.epochs" in shown
+
+
+def commit_all(root, message: str) -> None:
+    run(["git", "add", "-A"], root)
+    run(["git", "-c", "user.email=t@t", "-c", "user.name=t", "commit", "-q", "-m", message], root)
+
+
+def test_champion_leads_to_commit_and_data_hash_and_a_remote_restores_a_fresh_clone(
+    workspace, ws_env, tmp_path, tiny_cifar10_mirror
+):
+    dvc = f"{VENV_BIN}/dvc"
+    run([dvc, "remote", "add", "-d", "shared", str(tmp_path / "remote")], workspace, ws_env)
+    commit_all(workspace, "remote")
+    run([dvc, "repro"], workspace, ws_env)
+
+    # lineage: @champion → version → run → git commit and the data hash in dvc.lock
+    client = registry(ws_env)
+    champion = client.get_model_version_by_alias("alexnet-fashion-mnist", "champion")
+    logged = client.get_run(champion.run_id)
+    head = run(["git", "rev-parse", "HEAD"], workspace).stdout.strip()
+    assert logged.data.tags["git.commit"] == head and logged.data.tags["git.dirty"] == "false"
+    lock = yaml.safe_load((workspace / "dvc.lock").read_text())["stages"]
+    data_hash = lock["prepare"]["outs"][0]["md5"]
+    assert logged.data.tags["dvc.prepare.data/prepared/fashion-mnist"] == data_hash
+    assert [d.dataset.digest for d in logged.inputs.dataset_inputs] == [data_hash]
+    model_hash = lock["export"]["outs"][0]["md5"]
+    assert logged.data.tags["dvc.export.artifacts/fashion-mnist/model.onnx"] == model_hash
+    assert "test accuracy" in champion.description.lower()
+    artifacts = {a.path for a in client.list_artifacts(champion.run_id, "train")}
+    assert {"train/curves.png", "train/train_history.csv"} <= artifacts
+
+    plots = run([dvc, "plots", "show", "-o", str(tmp_path / "plots")], workspace, ws_env)
+    html = (tmp_path / "plots" / "index.html").read_text()
+    assert "train_history.csv" in html and "confusion" in html, plots.stdout
+
+    # push, then a fresh clone pulls back the exact data and model
+    run([dvc, "push"], workspace, ws_env)
+    commit_all(workspace, "results")
+    clone = tmp_path / "clone"
+    run(["git", "clone", "-q", str(workspace), str(clone)], tmp_path)
+    run([dvc, "pull"], clone, ws_env)
+    for path in ("data/prepared/fashion-mnist/train.pt", "artifacts/fashion-mnist/model.onnx"):
+        assert (clone / path).read_bytes() == (workspace / path).read_bytes()
+    status = run([dvc, "status"], clone, ws_env).stdout
+    assert "up to date" in status, status
+
+    # CIFAR-10 beside it: its own outputs, experiment and registered model; Fashion-MNIST's untouched
+    kept = {p: p.read_bytes() for p in (workspace / "artifacts" / "fashion-mnist").iterdir()}
+    mirror, checksums = tiny_cifar10_mirror
+    params = yaml.safe_load((workspace / "params.yaml").read_text())
+    params["base"]["dataset"] = "cifar10"
+    params["fetch"] |= {"mirrors": [str(mirror)], "checksums": checksums}
+    (workspace / "params.yaml").write_text(yaml.safe_dump(params))
+    run([dvc, "repro"], workspace, ws_env)
+    assert {p: p.read_bytes() for p in kept} == kept
+    record = json.loads((workspace / "reports" / "cifar10" / "register.json").read_text())
+    assert (record["model_name"], record["version"], record["alias"]) == ("alexnet-cifar10", "1", "champion")
+    info = mlflow_model_info(ws_env, "models:/alexnet-cifar10@champion")
+    assert info.signature.inputs.inputs[0].shape == (-1, 3, 67, 67)
+    assert len(client.search_model_versions("name='alexnet-fashion-mnist'")) == 1
+    assert client.get_run(record["run_id"]).info.experiment_id != logged.info.experiment_id
 
 
 def test_a_stage_failure_prints_one_clear_error(workspace, ws_env):

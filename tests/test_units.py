@@ -79,12 +79,31 @@ def test_plateau_divides_by_ten_after_patience_runs_out():
     assert state.scale == pytest.approx(0.1) and state.bad_epochs == 0
 
 
+PARITY_OK = (True, 1e-6)
+
+
 @pytest.mark.parametrize(
-    ("new", "champion", "promote"),
-    [(0.9, None, True), (0.9, 0.9, True), (0.91, 0.9, True), (0.89, 0.9, False)],
+    ("new", "parity", "floor", "champion", "promote", "named"),
+    [
+        (0.9, PARITY_OK, 0.5, None, True, "no champion yet"),
+        (0.9, PARITY_OK, 0.5, 0.9, True, "≥ champion's"),
+        (0.91, PARITY_OK, 0.5, 0.9, True, "≥ champion's"),
+        (0.89, PARITY_OK, 0.5, 0.9, False, "< champion's"),
+        (0.4, PARITY_OK, 0.5, None, False, "register.min_accuracy"),
+        (0.95, PARITY_OK, 0.96, 0.9, False, "register.min_accuracy"),
+        (0.99, (False, 0.3), 0.5, None, False, "parity"),
+    ],
 )
-def test_promotion_rule(new, champion, promote):
-    assert register.decide(new, champion)[0] is promote
+def test_promotion_gate(new, parity, floor, champion, promote, named):
+    promoted, reason = register.decide(new, parity, floor, champion)
+    assert promoted is promote and named in reason
+
+
+def test_parity_from_the_export_report():
+    report = {"parity_max_abs_diff_batch1": 2e-7, "parity_max_abs_diff_batch7": 5e-5, "parity_passed": True}
+    assert register.parity_passed(report | {"parity_tolerance": 1e-4}) == (True, 5e-5)
+    assert register.parity_passed(report | {"parity_tolerance": 1e-5})[0] is False
+    assert register.parity_passed({"parity_passed": True, "parity_tolerance": 1e-4})[0] is False
 
 
 def test_confusion_matrix_counts_actual_by_predicted():

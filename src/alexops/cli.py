@@ -8,24 +8,28 @@ import sys
 import time
 from pathlib import Path
 
+from alexops import commands
 from alexops.errors import AlexopsError
 
-STAGES = ("fetch", "prepare", "train", "evaluate", "export", "register")
+STAGES = ("fetch", "prepare", "train", "evaluate", "export", "quantize", "register")
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="alexops", description=__doc__)
     parser.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
     parser.add_argument("--root", default=".", help="project root holding data/ and artifacts/")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="STAGE")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for stage in STAGES:
         sub.add_parser(stage, help=f"run the {stage} stage")
+    commands.add_parsers(sub)  # serve, predict: not stages, each with its own arguments
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        if args.command in commands.NAMES:
+            return commands.run(args)
         return run_stage(args.command, Path(args.params), Path(args.root))
     except AlexopsError as exc:
         print(f"alexops {args.command}: error: {exc}", file=sys.stderr)

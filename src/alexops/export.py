@@ -101,7 +101,8 @@ def run(params: Params, paths: Paths) -> None:
         )
     files.write_bytes(paths.onnx, proto.SerializeToString())
     report = {f"parity_max_abs_diff_batch{n}": d for n, d in diffs.items()}
-    report |= {"parity_passed": True, "onnx_bytes": paths.onnx.stat().st_size, "opset": params.export.opset}
+    report |= {"parity_passed": True, "parity_tolerance": params.export.tolerance}
+    report |= {"onnx_bytes": paths.onnx.stat().st_size, "opset": params.export.opset}
     files.write_json(paths.reports / "export.json", report)
     with tracking.continue_run(paths) as mlflow:
         mlflow.log_metrics({k: float(v) for k, v in report.items()})

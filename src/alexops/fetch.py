@@ -1,15 +1,21 @@
 """Stage `fetch`: the raw dataset files from an ordered mirror list, checksum-verified.
 
-A mirror is a local directory or an http(s) base URL holding `<name>.gz` (or `<name>`).
-Checksums are of the decompressed files, because mirrors gzip with different headers.
-A file is written (atomically) only after its checksum matched, so a corrupt download is
-never kept. Run by hand, a file already present with the right checksum is kept as is
-(under `dvc repro` the stage starts from an empty output directory).
+A mirror is a local directory holding the files, the path of a file itself, or an http(s) base
+URL; `default` in fetch.mirrors stands for the dataset's own mirrors (`DatasetSpec.default_mirrors`).
+Each file is verified against the checksum its publisher gives: Fashion-MNIST's SHA-256 is of
+the decompressed IDX files (mirrors gzip with different headers), so those are decompressed
+first and kept decompressed; CIFAR-10's md5 is of the .tar.gz, which is kept as published, and
+its members are then checked (names, types, presence) without unpickling anything.
+A file is written (atomically) only after it passed, so a corrupt or foreign download is never
+kept. Run by hand, a file already present with the right checksum is kept as is (under
+`dvc repro` the stage starts from an empty output directory).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import gzip
+import hashlib
 import http.client
 import time
 import urllib.error
@@ -20,9 +26,9 @@ from pathlib import Path
 from tqdm import tqdm
 
 from alexops import files
-from alexops.datasets import DatasetSpec, spec
+from alexops.datasets import BadRawData, DatasetSpec, RawFile, spec
 from alexops.errors import AlexopsError
-from alexops.params import FetchParams, Params
+from alexops.params import DEFAULT_MIRRORS, FetchParams, Params
 from alexops.paths import Paths
 
 
@@ -32,57 +38,120 @@ class MirrorError(Exception):
 
 def run(params: Params, paths: Paths) -> None:
     dataset = spec(params.base.dataset)
-    unknown = set(params.fetch.checksums) - set(dataset.files)
+    mirrors = mirror_list(params.fetch.mirrors, dataset)
+    for raw in expected_files(dataset, params.fetch.checksums):
+        target = paths.raw / raw.name
+        if target.exists() and file_digest(target, raw.algorithm) == raw.checksum:
+            print(f"fetch: {raw.name} present, checksum ok")
+            continue
+        fetch_file(raw, mirrors, params.fetch, target, dataset)
+
+
+def mirror_list(configured: tuple[str, ...], dataset: DatasetSpec) -> list[str]:
+    """fetch.mirrors with each `default` replaced by the dataset's own mirrors, repeats dropped."""
+    mirrors: list[str] = []
+    for entry in configured:
+        for mirror in dataset.default_mirrors if entry == DEFAULT_MIRRORS else (entry,):
+            if mirror not in mirrors:
+                mirrors.append(mirror)
+    return mirrors
+
+
+def expected_files(dataset: DatasetSpec, overrides: dict[str, str]) -> list[RawFile]:
+    """The dataset's raw files; a fetch.checksums entry replaces a published checksum by a SHA-256
+    of the same bytes (a re-packaged or synthetic copy)."""
+    unknown = set(overrides) - set(dataset.files)
     if unknown:
         raise AlexopsError(
             f"fetch.checksums names {sorted(unknown)}, not files of {dataset.name}. "
             f"Fix: use the file names {sorted(dataset.files)}."
         )
-    for name, sha256 in (dataset.files | params.fetch.checksums).items():
-        target = paths.raw / name
-        if target.exists() and files.sha256_file(target) == sha256:
-            print(f"fetch: {name} present, checksum ok")
-            continue
-        fetch_file(name, sha256, params.fetch, target, dataset)
+    return [
+        dataclasses.replace(raw, checksum=overrides[name], algorithm="sha256") if name in overrides else raw
+        for name, raw in dataset.files.items()
+    ]
 
 
-def fetch_file(name: str, sha256: str, opts: FetchParams, target: Path, dataset: DatasetSpec) -> None:
+def fetch_file(
+    raw: RawFile, mirrors: list[str], opts: FetchParams, target: Path, dataset: DatasetSpec
+) -> None:
     tried = []
-    for mirror in opts.mirrors:
+    for mirror in mirrors:
         try:
-            data = _decompress(read_from_mirror(mirror, name, opts))
+            data = verified(raw, read_from_mirror(mirror, raw, opts, sole_file=len(dataset.files) == 1))
         except MirrorError as exc:
             tried.append(f"{mirror}: {exc}")
             continue
-        got = files.sha256_bytes(data)
-        if got != sha256:
-            tried.append(f"{mirror}: checksum mismatch (sha256 {got[:12]}…, expected {sha256[:12]}…)")
-            continue
         files.write_bytes(target, data)
-        print(f"fetch: {name} from {mirror}, checksum ok")
+        print(f"fetch: {raw.name} from {mirror}, {raw.algorithm} ok")
         return
     attempts = "\n  - ".join(tried)
     raise AlexopsError(
-        f"could not fetch {dataset.name} file {name}; tried:\n  - {attempts}\n"
-        "Fix: offline, install the Debian mirror (`sudo apt-get install dataset-fashion-mnist`, "
-        "files in /usr/share/datasets/fashion-mnist) or copy the files into a directory and list "
-        "it first under fetch.mirrors in params.yaml; online, check the network or the URLs."
+        f"could not fetch {dataset.name} file {raw.name}; tried:\n  - {attempts}\n"
+        f"Fix: {dataset.offline_fix}; online, check the network or the URLs."
     )
 
 
-def read_from_mirror(mirror: str, name: str, opts: FetchParams) -> bytes:
+def verified(raw: RawFile, data: bytes) -> bytes:
+    """The bytes to keep: the checksum first, then (on a match only) the file's structural check."""
+    if raw.gunzip:
+        data = _decompress(data)
+    got = digest(data, raw.algorithm)
+    if got != raw.checksum:
+        raise MirrorError(f"checksum mismatch ({raw.algorithm} {got[:12]}…, expected {raw.checksum[:12]}…)")
+    if raw.check is not None:
+        try:
+            raw.check(data)
+        except BadRawData as exc:
+            raise MirrorError(f"checksum ok, but refused: {exc}") from exc
+    return data
+
+
+def digest(data: bytes, algorithm: str) -> str:
+    # usedforsecurity=False: md5 is the published checksum for CIFAR-10, an integrity check;
+    # without it a FIPS-mode Python refuses md5 outright.
+    return hashlib.new(algorithm, data, usedforsecurity=False).hexdigest()
+
+
+def file_digest(path: Path, algorithm: str) -> str:
+    with open(path, "rb") as stream:
+        return hashlib.file_digest(stream, lambda: hashlib.new(algorithm, usedforsecurity=False)).hexdigest()
+
+
+def read_from_mirror(mirror: str, raw: RawFile, opts: FetchParams, sole_file: bool) -> bytes:
     if mirror.startswith(("http://", "https://")):
-        return _download(f"{mirror.rstrip('/')}/{name}.gz", opts)
-    directory = Path(mirror.removeprefix("file://"))
-    for candidate in (directory / f"{name}.gz", directory / name):
+        return _download(_url_for(mirror, raw), opts)
+    location = Path(mirror.removeprefix("file://"))
+    if location.is_file():
+        return _read_file_mirror(location, raw, sole_file)
+    for candidate in (location / name for name in raw.published_names):
         if candidate.is_file():
-            try:
-                return candidate.read_bytes()
-            except OSError as exc:
-                raise MirrorError(f"cannot read {candidate}: {exc.strerror}") from exc
-    if not directory.is_dir():
-        raise MirrorError("no such directory")
-    raise MirrorError(f"neither {name}.gz nor {name} in it")
+            return _read(candidate)
+    if not location.is_dir():
+        raise MirrorError("no such directory or file")
+    names = raw.published_names
+    raise MirrorError(f"neither {' nor '.join(names)} in it" if len(names) > 1 else f"no {names[0]} in it")
+
+
+def _url_for(mirror: str, raw: RawFile) -> str:
+    """A base URL gets the published name appended; a URL of the file itself is used as is."""
+    url = mirror.rstrip("/")
+    return url if url.rsplit("/", 1)[-1] in raw.published_names else f"{url}/{raw.published_names[0]}"
+
+
+def _read_file_mirror(path: Path, raw: RawFile, sole_file: bool) -> bytes:
+    """A mirror that is a file holds the dataset's only file (whatever its local name, say a
+    browser's `cifar-10-python (1).tar.gz`), or else the file it is named after."""
+    if sole_file or path.name in raw.published_names:
+        return _read(path)
+    raise MirrorError(f"a file, not {' or '.join(raw.published_names)}")
+
+
+def _read(path: Path) -> bytes:
+    try:
+        return path.read_bytes()
+    except OSError as exc:
+        raise MirrorError(f"cannot read {path}: {exc.strerror}") from exc
 
 
 def _download(url: str, opts: FetchParams) -> bytes:

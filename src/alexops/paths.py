@@ -36,6 +36,11 @@ class Paths:
         return self.artifacts / "model.onnx"
 
     @property
+    def int8_onnx(self) -> Path:
+        """The static-QDQ int8 model the quantize stage writes beside model.onnx."""
+        return self.artifacts / "model.int8.onnx"
+
+    @property
     def mlflow_run(self) -> Path:
         """The MLflow run id train opened; evaluate, export and register continue it."""
         return self.artifacts / "mlflow_run.json"

@@ -24,7 +24,7 @@ def run(params: Params, paths: Paths) -> None:
     ):
         # one generator per split: the test subset must not depend on prepare.max_train
         generator = torch.Generator().manual_seed(params.base.seed * 2 + index)
-        images, labels = subset(*read_split(paths.raw, split), limit, generator)
+        images, labels = subset(*read_split(paths.raw, split, dataset), limit, generator)
         splits[split] = (images, labels)
         save_split(paths.prepared / f"{split}.pt", images, labels)
         print(f"prepare: {split} {tuple(images.shape)}")

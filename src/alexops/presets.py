@@ -24,9 +24,14 @@ PRESETS: dict[str, dict[str, object]] = {
         "train.epochs": 90,
         "train.batch_size": 128,
         "train.warmup_epochs": 0.0,
+        "train.amp": True,
         "base.device": "cuda",
     },
 }
+# CIFAR-10 (the colour path: 3 channels, PCA lighting on the RGB covariance), CPU- and GPU-sized;
+# fetch needs cifar-10-python.tar.gz in /usr/share/datasets/cifar10, a listed mirror or online
+PRESETS["cifar10"] = {"base.dataset": "cifar10"}
+PRESETS["cifar10-gpu"] = PRESETS["gpu"] | {"base.dataset": "cifar10", "train.epochs": 60}
 
 
 def overrides(name: str) -> dict[str, object]:
@@ -37,9 +42,16 @@ def overrides(name: str) -> dict[str, object]:
 
 def apply(base: dict, name: str) -> dict:
     """The raw params dict `base` with the preset's overrides applied (for validation)."""
+    return merge(base, overrides(name))
+
+
+def merge(base: dict, changes: dict[str, object]) -> dict:
+    """The raw params dict `base` with `{"section.key": value}` changes applied, as `-S` does."""
     merged = {section: dict(values or {}) for section, values in base.items()}
-    for key, value in overrides(name).items():
-        section, field = key.split(".", 1)
+    for key, value in changes.items():
+        section, sep, field = key.partition(".")
+        if not sep or not field:
+            raise AlexopsError(f"{key!r} is not a param key. Fix: name it as section.key, e.g. train.epochs.")
         merged.setdefault(section, {})[field] = value
     return merged
 

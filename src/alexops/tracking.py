@@ -28,7 +28,8 @@ def tracking_uri(root: Path) -> str:
     return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path(root).resolve()}/mlflow.db"
 
 
-def _mlflow(root: Path):
+def connect(root: Path):
+    """The mlflow module, pointed at this project's tracking store."""
     # MLflow's HTTP client retries with back-off for minutes by default; a server that is
     # down should stop a stage within seconds (users can raise these in their environment)
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
@@ -56,7 +57,7 @@ def _reachable(mlflow, root: Path) -> None:
 @contextlib.contextmanager
 def new_run(params: Params, paths: Paths, run_id: str | None = None) -> Iterator[Any]:
     """Open the pipeline's MLflow run (or reopen `run_id` after a crash) and record it."""
-    mlflow = _mlflow(paths.root)
+    mlflow = connect(paths.root)
     _reachable(mlflow, paths.root)
     mlflow.set_experiment(f"{params.register.experiment}-{params.base.dataset}")
     if run_id is not None and not _run_exists(mlflow, run_id):
@@ -67,6 +68,7 @@ def new_run(params: Params, paths: Paths, run_id: str | None = None) -> Iterator
         if run_id is None:
             mlflow.log_params(params.as_flat_dict())
             mlflow.set_tags(lineage_tags(paths.root))
+            log_dataset(mlflow, paths)
         files.write_json(
             paths.mlflow_run, {"run_id": run.info.run_id, "tracking_uri": tracking_uri(paths.root)}
         )
@@ -77,7 +79,7 @@ def new_run(params: Params, paths: Paths, run_id: str | None = None) -> Iterator
 def continue_run(paths: Paths) -> Iterator[Any]:
     """Reopen the run train started, so that all stages report into one run."""
     run_id = files.read_json(paths.mlflow_run, produced_by="train")["run_id"]
-    mlflow = _mlflow(paths.root)
+    mlflow = connect(paths.root)
     _reachable(mlflow, paths.root)
     if not _run_exists(mlflow, run_id):
         raise AlexopsError(
@@ -94,6 +96,22 @@ def _run_exists(mlflow, run_id: str) -> bool:
     except Exception:  # MlflowException for an unknown id
         return False
     return True
+
+
+def log_dataset(mlflow, paths: Paths) -> None:
+    """The prepared data as the run's input: its path and the hash `dvc.lock` gives it."""
+    from mlflow.data.dataset_source_registry import resolve_dataset_source
+    from mlflow.data.meta_dataset import MetaDataset
+
+    digest = data_hash(paths) or files.sha256_file(paths.prepared / "train.pt")[:32]
+    dataset = MetaDataset(resolve_dataset_source(str(paths.prepared)), name=paths.dataset, digest=digest)
+    mlflow.log_input(dataset, context="training")
+
+
+def data_hash(paths: Paths) -> str | None:
+    """The content hash `dvc.lock` records for the prepared data, when DVC ran prepare."""
+    relative = paths.prepared.relative_to(paths.root).as_posix()
+    return dvc_lock_tags(paths.root).get(f"dvc.prepare.{relative}")
 
 
 def lineage_tags(root: Path) -> dict[str, str]:

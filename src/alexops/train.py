@@ -185,7 +185,7 @@ def train_on(params: Params, paths: Paths, device: torch.device, world: distribu
         print(
             f"train: AlexNet {count_parameters(session.model) / 1e6:.2f} M parameters on {device} "
             f"× {world.size} process(es), {len(data[1])} train / {len(data[3])} val images "
-            f"at {opts.image_size} px"
+            f"at {opts.image_size} px{', bf16 autocast' if autocast_enabled(device, opts) else ''}"
         )
     # rank 0 alone talks to MLflow and writes files; the others only train
     tracked = tracking.new_run(params, paths, run_id) if world.is_main else contextlib.nullcontext()
@@ -207,6 +207,8 @@ def train_on(params: Params, paths: Paths, device: torch.device, world: distribu
                 print(f"train: weights identical on all {world.size} ranks")
             write_outputs(paths, session, stats, progress)
             mlflow.log_metrics({"parameters": count_parameters(session.model)})
+            for name in ("train.json", "train_history.csv", "curves.png"):
+                mlflow.log_artifact(str(paths.reports / name), artifact_path="train")
 
 
 def split_validation(paths: Paths, val_size: int, seed: int):
@@ -234,7 +236,7 @@ def train_epoch(model, session: Session, images, labels, opts: TrainParams, epoc
     batch_size = opts.batch_size // world.size
     steps = len(labels) // world.size // batch_size or 1
     total_steps = steps * opts.epochs
-    amp = device.type == "cuda" and opts.amp
+    amp = autocast_enabled(device, opts)
     loss_sum = torch.zeros((), device=device)
     correct = torch.zeros((), device=device, dtype=torch.long)
     seen = 0
@@ -357,3 +359,38 @@ def write_outputs(paths: Paths, session: Session, stats: dict, progress: Progres
     writer.writeheader()
     writer.writerows(progress.history)
     files.write_text(paths.reports / "train_history.csv", buffer.getvalue())
+    files.write_bytes(paths.reports / "curves.png", curves_png(progress.history))
+
+
+def autocast_enabled(device: torch.device, opts: TrainParams) -> bool:
+    """bf16 autocast where the hardware computes in bf16: CUDA, or a CPU with AVX512-BF16/AMX."""
+    if not opts.amp:
+        return False
+    if device.type == "cuda":
+        return True
+    try:  # a private oneDNN probe; without it, bf16 on the CPU would be emulated and slower
+        return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def curves_png(history: list[dict]) -> bytes:
+    """Loss and accuracy per epoch, train beside validation: the run at a glance."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    epochs = [row["epoch"] for row in history]
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4), dpi=100)
+    for ax, metric in zip(axes, ("loss", "accuracy"), strict=True):
+        for split in ("train", "val"):
+            ax.plot(epochs, [row[f"{split}_{metric}"] for row in history], marker="o", label=split)
+        ax.set(xlabel="epoch", ylabel=metric, title=metric)
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png")
+    plt.close(fig)
+    return buffer.getvalue()

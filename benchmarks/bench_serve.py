@@ -1,0 +1,322 @@
+"""Serving speed: PyTorch eager vs onnxruntime fp32 vs int8, and `alexops serve` under load.
+
+    python benchmarks/bench_serve.py [--root .] [--seconds 30] [--clients 16] [--payload png|json]
+        [--serve-model fp32|int8] [--out FILE]
+
+1. models, on the pipeline's trained artifacts (artifacts/<dataset>/model.pt, model.onnx,
+   model.int8.onnx when the quantize stage has run): batch-1 latency (median, p90) and
+   batch-64 throughput of each, on real test images, with centre-crop test accuracy on the
+   whole prepared test set; ratios side by side;
+2. load: `alexops serve` on loopback with `--clients` concurrent keep-alive connections
+   posting real Fashion-MNIST test images as PNG files (or preprocessed JSON arrays) for
+   `--seconds`: requests/s, p50/p99 latency, errors, the server's mean batch size.
+
+The load generator is a minimal HTTP/1.1 client on asyncio streams, so that on a small
+machine as little CPU as possible goes to the clients rather than the server. Results are
+printed and written as JSON (default benchmarks/results/serve.json).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import io
+import json
+import os
+import platform
+import re
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import torch
+from PIL import Image
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+
+from alexops import augment, files, params  # noqa: E402
+from alexops.model import load_trained  # noqa: E402
+from alexops.paths import Paths  # noqa: E402
+from alexops.prepare import load_split  # noqa: E402
+
+DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "serve.json"
+GOALS = {
+    "onnxruntime_vs_eager": "≥ 1.5×",
+    "int8_vs_fp32": "≥ 2× at ≤ 0.5 points accuracy drop",
+    "load": "≥ 500 req/s at p99 ≤ 50 ms, 0 errors",
+}
+
+
+# ---- 1. the models side by side -----------------------------------------------------------
+
+
+def percentile(values: list[float], q: float) -> float:
+    return float(np.percentile(np.asarray(values), q))
+
+
+def timed(run, repeats: int, warmup: int = 5) -> list[float]:
+    for _ in range(warmup):
+        run()
+    times = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        run()
+        times.append(time.perf_counter() - started)
+    return times
+
+
+def runners(paths: Paths) -> dict:
+    """name → a function from a float (N, C, S, S) array to logits, for each model present."""
+    model, _, _, _ = load_trained(paths.model, "cpu")
+
+    @torch.inference_mode()
+    def eager(x: np.ndarray) -> np.ndarray:
+        return model(torch.from_numpy(x)).numpy()
+
+    found = {"pytorch_eager": eager}
+    for name, path in (("onnxruntime_fp32", paths.onnx), ("onnxruntime_int8", paths.int8_onnx)):
+        if path.exists():
+            session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+            found[name] = lambda x, s=session: s.run(None, {"image": x})[0]
+    return found
+
+
+def measure_models(paths: Paths, quick: bool) -> dict:
+    _, _, recipe, _ = load_trained(paths.model, "cpu")
+    images, labels = load_split(paths.prepared / "test.pt")
+    one = augment.preprocess(images[:1], recipe).numpy()
+    batch = augment.preprocess(images[1:65], recipe).numpy()
+    results = {}
+    for name, run in runners(paths).items():
+        latency = timed(lambda run=run: run(one), 50 if quick else 300)
+        throughput = timed(lambda run=run: run(batch), 5 if quick else 30)
+        results[name] = {
+            "batch1_latency_ms_median": 1e3 * statistics.median(latency),
+            "batch1_latency_ms_p90": 1e3 * percentile(latency, 90),
+            "batch64_images_per_s": len(batch) / statistics.median(throughput),
+            "test_accuracy_center_crop": accuracy(run, images, labels, recipe),
+        }
+        print(f"{name:18s} {table_row(results[name])}", flush=True)
+    return results
+
+
+def accuracy(run, images: torch.Tensor, labels: torch.Tensor, recipe: augment.Recipe) -> float:
+    correct = 0
+    for start in range(0, len(images), 256):
+        x = augment.preprocess(images[start : start + 256], recipe).numpy()
+        correct += int((run(x).argmax(1) == labels[start : start + 256].numpy()).sum())
+    return correct / len(labels)
+
+
+def table_row(r: dict) -> str:
+    return (
+        f"batch-1 {r['batch1_latency_ms_median']:7.3f} ms (p90 {r['batch1_latency_ms_p90']:.3f})   "
+        f"batch-64 {r['batch64_images_per_s']:8.0f} img/s   accuracy {r['test_accuracy_center_crop']:.4f}"
+    )
+
+
+def ratios(results: dict) -> dict:
+    eager, fp32, int8 = (results.get(k) for k in ("pytorch_eager", "onnxruntime_fp32", "onnxruntime_int8"))
+    out = {}
+    if fp32:
+        out["onnxruntime_vs_eager_batch1"] = (
+            eager["batch1_latency_ms_median"] / fp32["batch1_latency_ms_median"]
+        )
+        out["onnxruntime_vs_eager_batch64"] = fp32["batch64_images_per_s"] / eager["batch64_images_per_s"]
+    if fp32 and int8:
+        out["int8_vs_fp32_batch1"] = fp32["batch1_latency_ms_median"] / int8["batch1_latency_ms_median"]
+        out["int8_vs_fp32_batch64"] = int8["batch64_images_per_s"] / fp32["batch64_images_per_s"]
+        drop = fp32["test_accuracy_center_crop"] - int8["test_accuracy_center_crop"]
+        out["int8_accuracy_drop_points"] = 100 * drop
+    return out
+
+
+# ---- 2. the server under load -------------------------------------------------------------
+
+
+def png_bodies(images: torch.Tensor, boundary: str) -> list[bytes]:
+    bodies = []
+    for image in images:
+        buffer = io.BytesIO()
+        Image.fromarray(image[0].numpy()).save(buffer, format="PNG")
+        bodies.append(
+            f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="x.png"\r\n'
+            f"Content-Type: image/png\r\n\r\n".encode()
+            + buffer.getvalue()
+            + f"\r\n--{boundary}--\r\n".encode()
+        )
+    return bodies
+
+
+def requests_for(images: torch.Tensor, recipe: augment.Recipe, payload: str, host: str) -> list[bytes]:
+    """Complete HTTP/1.1 requests (head and body), built once before the clock starts."""
+    if payload == "png":
+        boundary = "alexopsbench"
+        bodies, content_type = png_bodies(images, boundary), f"multipart/form-data; boundary={boundary}"
+    else:
+        x = augment.preprocess(images, recipe).numpy()
+        bodies, content_type = (
+            [json.dumps({"inputs": [row.tolist()]}).encode() for row in x],
+            "application/json",
+        )
+    head = "POST /v1/predict?top_k=1 HTTP/1.1\r\nHost: {}\r\nContent-Type: {}\r\nContent-Length: {}\r\n\r\n"
+    return [head.format(host, content_type, len(body)).encode() + body for body in bodies]
+
+
+async def read_response(reader: asyncio.StreamReader) -> tuple[int, bytes]:
+    head = await reader.readuntil(b"\r\n\r\n")
+    status = int(head.split(b" ", 2)[1])
+    length = int(re.search(rb"(?i)content-length: *(\d+)", head).group(1))
+    return status, await reader.readexactly(length)
+
+
+async def client(
+    host: str, port: int, requests: list[bytes], offset: int, until: float, record: dict
+) -> None:
+    reader, writer = await asyncio.open_connection(host, port)
+    i = offset
+    try:
+        while time.perf_counter() < until:
+            started = time.perf_counter()
+            writer.write(requests[i % len(requests)])
+            i += 1
+            try:
+                status, body = await read_response(reader)
+            except (asyncio.IncompleteReadError, ConnectionError) as exc:
+                record["errors"].append(repr(exc))
+                return
+            record["latencies"].append(time.perf_counter() - started)
+            if status != 200 or b'"predictions"' not in body:
+                record["errors"].append(f"{status}: {body[:200]!r}")
+    finally:
+        writer.close()
+
+
+async def load(host: str, port: int, requests: list[bytes], clients: int, seconds: float) -> dict:
+    record = {"latencies": [], "errors": []}
+    started = time.perf_counter()
+    until = started + seconds
+    await asyncio.gather(*(client(host, port, requests, 7 * i, until, record) for i in range(clients)))
+    elapsed = time.perf_counter() - started
+    latencies = record["latencies"]
+    return {
+        "requests": len(latencies),
+        "seconds": elapsed,
+        "requests_per_s": len(latencies) / elapsed,
+        "latency_ms_p50": 1e3 * percentile(latencies, 50) if latencies else None,
+        "latency_ms_p99": 1e3 * percentile(latencies, 99) if latencies else None,
+        "errors": len(record["errors"]),
+        "first_errors": record["errors"][:5],
+    }
+
+
+def start_server(model: Path, log: Path, extra: list[str]) -> tuple[subprocess.Popen, str, int]:
+    command = [sys.executable, "-m", "alexops.cli", "serve", "--model-uri", str(model), "--port", "0", *extra]
+    with open(log, "w") as out:
+        process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and process.poll() is None:
+        if found := re.search(r"listening on http://([\d.]+):(\d+)", log.read_text()):
+            return process, found.group(1), int(found.group(2))
+        time.sleep(0.2)
+    process.kill()
+    raise SystemExit(f"bench_serve: the server did not start:\n{log.read_text()}")
+
+
+def server_batch_mean(host: str, port: int) -> float | None:
+    import urllib.request
+
+    text = urllib.request.urlopen(f"http://{host}:{port}/metrics", timeout=10).read().decode()
+    total = re.search(r"^alexops_batch_size_sum (\S+)$", text, re.MULTILINE)
+    count = re.search(r"^alexops_batch_size_count (\S+)$", text, re.MULTILINE)
+    return (
+        float(total.group(1)) / float(count.group(1)) if total and count and float(count.group(1)) else None
+    )
+
+
+def measure_load(paths: Paths, args: argparse.Namespace) -> dict:
+    model = paths.int8_onnx if args.serve_model == "int8" else paths.onnx
+    _, _, recipe, _ = load_trained(paths.model, "cpu")
+    images, _ = load_split(paths.prepared / "test.pt")
+    extra = ["--max-batch-size", str(args.max_batch_size), "--max-wait-ms", str(args.max_wait_ms)]
+    with tempfile.TemporaryDirectory() as tmp:
+        process, host, port = start_server(model, Path(tmp) / "serve.log", extra)
+        try:
+            requests = requests_for(images[:512], recipe, args.payload, f"{host}:{port}")
+            asyncio.run(load(host, port, requests, args.clients, 3.0))  # warm-up, not reported
+            result = asyncio.run(load(host, port, requests, args.clients, args.seconds))
+            result["server_mean_batch_size"] = server_batch_mean(host, port)
+        finally:
+            process.terminate()
+            process.wait(timeout=30)
+    result |= {"clients": args.clients, "payload": args.payload, "model": model.name}
+    result |= {"max_batch_size": args.max_batch_size, "max_wait_ms": args.max_wait_ms}
+    return result
+
+
+# ---- main ---------------------------------------------------------------------------------
+
+
+def machine() -> dict:
+    return {
+        "cpu": platform.processor() or platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "onnxruntime": ort.__version__,
+        "python": platform.python_version(),
+        "load_average_1min": os.getloadavg()[0],  # other processes skew every figure here
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--root", type=Path, default=Path("."), help="project root (default: .)")
+    parser.add_argument("--params", type=Path, default=None, help="params file (default: ROOT/params.yaml)")
+    parser.add_argument("--seconds", type=float, default=30.0, help="load test length (default 30)")
+    parser.add_argument("--clients", type=int, default=16, help="concurrent connections (default 16)")
+    parser.add_argument("--payload", choices=("png", "json"), default="png")
+    parser.add_argument("--serve-model", choices=("fp32", "int8"), default="fp32")
+    parser.add_argument("--max-batch-size", type=int, default=64)
+    parser.add_argument("--max-wait-ms", type=float, default=5.0)
+    parser.add_argument("--skip-load", action="store_true", help="only the model comparison")
+    parser.add_argument("--quick", action="store_true", help="fewer repeats (a smoke run)")
+    parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    args = parser.parse_args(argv)
+    root = args.root.resolve()
+    loaded = params.load(args.params or root / "params.yaml")
+    paths = Paths(root, loaded.base.dataset)
+    missing = [p for p in (paths.model, paths.onnx, paths.prepared / "test.pt") if not p.exists()]
+    if missing:
+        print(f"bench_serve: {', '.join(map(str, missing))} missing. Run `make run` first.", file=sys.stderr)
+        return 2
+    if args.serve_model == "int8" and not paths.int8_onnx.exists():
+        print(f"bench_serve: {paths.int8_onnx} missing. Run `dvc repro quantize` first.", file=sys.stderr)
+        return 2
+    print(f"models on {machine()['cpu']}, {os.cpu_count()} CPUs:")
+    models = measure_models(paths, args.quick)
+    compared = ratios(models)
+    for name, value in compared.items():
+        print(f"  {name}: {value:.2f}")
+    payload = {"machine": machine(), "goals": GOALS, "models": models, "ratios": compared}
+    if not args.skip_load:
+        payload["load"] = measure_load(paths, args)
+        r = payload["load"]
+        print(
+            f"load ({r['clients']} clients, {r['payload']}, {r['seconds']:.0f} s): "
+            f"{r['requests_per_s']:.0f} req/s, "
+            f"p50 {r['latency_ms_p50']:.1f} ms, p99 {r['latency_ms_p99']:.1f} ms, {r['errors']} errors, "
+            f"mean batch {r['server_mean_batch_size']}"
+        )
+    files.write_json(args.out, payload)
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
