@@ -285,6 +285,30 @@ def test_images_are_converted_to_the_models_channel_count():
     assert inference.decode_image(rgba, 1, MAX_PIXELS).shape == (1, 1, 6, 8)
 
 
+def test_a_colour_model_predicts_gray_and_colour_images_as_onnxruntime_does(tmp_path):
+    torch.manual_seed(1)
+    recipe = augment.Recipe.create(67, 256 / 224, [0.5, 0.45, 0.4], [0.25, 0.24, 0.26])
+    net = AlexNet(3, 10, image_size=67, width=0.125, init="kaiming").eval()
+    proto = export.to_onnx(net, torch.zeros(2, 3, 67, 67), opset=18)
+    export.add_metadata(proto, CLASSES, recipe.as_dict(), {"width": 0.125})
+    model = inference.load_model(proto.SerializeToString(), name="rgb", version=None, uri="rgb.onnx")
+    rng = np.random.default_rng(3)
+    pictures = {
+        "gray.png": Image.fromarray(rng.integers(0, 255, (40, 30), dtype=np.uint8)),
+        "colour.jpg": Image.fromarray(rng.integers(0, 255, (32, 48, 3), dtype=np.uint8)),
+    }
+    encoded = [
+        (label, png(image, "JPEG" if label.endswith("jpg") else "PNG")) for label, image in pictures.items()
+    ]
+    records = inference.predict_images(model, encoded, k=10, max_pixels=MAX_PIXELS)
+    session = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
+    for (label, data), record in zip(encoded, records, strict=True):
+        rgb = np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))  # gray → R = G = B
+        x = augment.preprocess(torch.from_numpy(rgb.copy()).permute(2, 0, 1)[None], recipe).numpy()
+        expected = softmax(session.run(None, {"image": x})[0])[0]
+        assert np.allclose(probabilities(record), expected, atol=1e-5), label
+
+
 @pytest.mark.parametrize(
     ("uri", "name", "alias", "version"),
     [("models:/alexnet-fashion-mnist@champion", "alexnet-fashion-mnist", "champion", None),

@@ -59,7 +59,7 @@ class PrepareParams:
 
 @dataclass(frozen=True)
 class TrainParams:
-    epochs: int = _rule(16, min=1, max=1000)
+    epochs: int = _rule(30, min=1, max=1000)
     batch_size: int = _rule(128, min=2, max=8192)
     # The paper crops 224 (227 with its geometry) from 256: resize = image_size * resize_ratio.
     image_size: int = _rule(99, min=67, max=512)
