@@ -27,13 +27,35 @@ def mlflow_model_info(env: dict, uri: str):
     return mlflow.models.get_model_info(uri)
 
 
-def test_dvc_repro_end_to_end_then_up_to_date_then_partial_rerun(workspace, ws_env):
+def commit_all(root, message: str) -> None:
+    run(["git", "add", "-A"], root)
+    run(["git", "-c", "user.email=t@t", "-c", "user.name=t", "commit", "-q", "-m", message], root)
+
+
+def test_the_pipeline_end_to_end_and_what_users_do_with_it(workspace, ws_env, tmp_path, tiny_cifar10_mirror):
+    """One `dvc repro` from nothing (the slow part), then each way users meet its results."""
     dvc = f"{VENV_BIN}/dvc"
+    run([dvc, "remote", "add", "-d", "shared", str(tmp_path / "remote")], workspace, ws_env)
+    commit_all(workspace, "remote")
     first = run([dvc, "repro"], workspace, ws_env)
     assert stages_run(first.stdout) == [
         "fetch", "prepare", "train", "evaluate", "export", "quantize", "register",
     ]  # fmt: skip
+    check_outputs_and_registry(workspace, ws_env)
+    check_lineage_from_the_champion(workspace, ws_env)
+    check_plots(workspace, ws_env, tmp_path / "plots")
 
+    second = run([dvc, "repro"], workspace, ws_env)
+    assert stages_run(second.stdout) == []
+    assert "up to date" in second.stdout
+
+    check_push_then_pull_into_a_fresh_clone(workspace, ws_env, tmp_path / "clone")
+    check_an_experiment_misses_the_gate(workspace, ws_env)
+    check_a_second_dataset_leaves_the_first_alone(workspace, ws_env, tiny_cifar10_mirror)
+
+
+def check_outputs_and_registry(workspace, ws_env) -> None:
+    dvc = f"{VENV_BIN}/dvc"
     reports = workspace / "reports" / "fashion-mnist"
     evaluation = json.loads((reports / "evaluate.json").read_text())
     assert 0.0 <= evaluation["accuracy"] <= 1.0
@@ -59,44 +81,13 @@ def test_dvc_repro_end_to_end_then_up_to_date_then_partial_rerun(workspace, ws_e
     run_data = client.get_run(record["run_id"]).data
     assert "test_accuracy" in run_data.metrics and "train_loss" in run_data.metrics
     assert run_data.params["train.epochs"] == "2"
-    assert any(k.startswith("dvc.prepare.") for k in run_data.tags)
     info = mlflow_model_info(ws_env, "models:/alexnet-fashion-mnist@champion")
     assert info.signature.inputs.inputs[0].shape == (-1, 1, 67, 67)
     assert info.signature.outputs.inputs[0].shape == (-1, 10)
 
-    second = run([dvc, "repro"], workspace, ws_env)
-    assert stages_run(second.stdout) == []
-    assert "up to date" in second.stdout
 
-    # an experiment from the command line: params for this run only, listed by `dvc exp show`;
-    # the gate keeps its model out of @champion since it misses register.min_accuracy
-    third = run(
-        [dvc, "exp", "run", "-S", "train.epochs=1", "-S", "register.min_accuracy=1.0"], workspace, ws_env
-    )
-    assert stages_run(third.stdout) == ["train", "evaluate", "export", "quantize", "register"]
-    latest = json.loads((reports / "register.json").read_text())
-    assert latest["version"] == "2" and latest["previous_champion"] == "1"
-    assert latest["alias"] == "challenger" and "register.min_accuracy" in latest["reason"]
-    assert str(client.get_model_version_by_alias("alexnet-fashion-mnist", "champion").version) == "1"
-    assert "min_accuracy" in client.get_model_version("alexnet-fashion-mnist", "2").tags["decision"]
-    shown = run([dvc, "exp", "show", "--no-pager", "--md"], workspace, ws_env).stdout
-    assert "accuracy" in shown and "train.epochs" in shown
-
-
-def commit_all(root, message: str) -> None:
-    run(["git", "add", "-A"], root)
-    run(["git", "-c", "user.email=t@t", "-c", "user.name=t", "commit", "-q", "-m", message], root)
-
-
-def test_champion_leads_to_commit_and_data_hash_and_a_remote_restores_a_fresh_clone(
-    workspace, ws_env, tmp_path, tiny_cifar10_mirror
-):
-    dvc = f"{VENV_BIN}/dvc"
-    run([dvc, "remote", "add", "-d", "shared", str(tmp_path / "remote")], workspace, ws_env)
-    commit_all(workspace, "remote")
-    run([dvc, "repro"], workspace, ws_env)
-
-    # lineage: @champion → version → run → git commit and the data hash in dvc.lock
+def check_lineage_from_the_champion(workspace, ws_env) -> None:
+    """@champion → version → run → git commit and the data hash in dvc.lock."""
     client = registry(ws_env)
     champion = client.get_model_version_by_alias("alexnet-fashion-mnist", "champion")
     logged = client.get_run(champion.run_id)
@@ -112,36 +103,63 @@ def test_champion_leads_to_commit_and_data_hash_and_a_remote_restores_a_fresh_cl
     artifacts = {a.path for a in client.list_artifacts(champion.run_id, "train")}
     assert {"train/curves.png", "train/train_history.csv"} <= artifacts
 
-    plots = run([dvc, "plots", "show", "-o", str(tmp_path / "plots")], workspace, ws_env)
-    html = (tmp_path / "plots" / "index.html").read_text()
+
+def check_plots(workspace, ws_env, out) -> None:
+    plots = run([f"{VENV_BIN}/dvc", "plots", "show", "-o", str(out)], workspace, ws_env)
+    html = (out / "index.html").read_text()
     assert "train_history.csv" in html and "confusion" in html, plots.stdout
 
-    # push, then a fresh clone pulls back the exact data and model
+
+def check_push_then_pull_into_a_fresh_clone(workspace, ws_env, clone) -> None:
+    dvc = f"{VENV_BIN}/dvc"
     run([dvc, "push"], workspace, ws_env)
     commit_all(workspace, "results")
-    clone = tmp_path / "clone"
-    run(["git", "clone", "-q", str(workspace), str(clone)], tmp_path)
+    run(["git", "clone", "-q", str(workspace), str(clone)], workspace)
     run([dvc, "pull"], clone, ws_env)
     for path in ("data/prepared/fashion-mnist/train.pt", "artifacts/fashion-mnist/model.onnx"):
         assert (clone / path).read_bytes() == (workspace / path).read_bytes()
     status = run([dvc, "status"], clone, ws_env).stdout
     assert "up to date" in status, status
 
-    # CIFAR-10 beside it: its own outputs, experiment and registered model; Fashion-MNIST's untouched
+
+def check_an_experiment_misses_the_gate(workspace, ws_env) -> None:
+    """`dvc exp run -S`: params for this run, listed by `dvc exp show`; the gate keeps its
+    model out of @champion since it misses register.min_accuracy."""
+    dvc = f"{VENV_BIN}/dvc"
+    flags = ["-S", "train.epochs=1", "-S", "register.min_accuracy=1.0"]
+    third = run([dvc, "exp", "run", *flags], workspace, ws_env)
+    assert stages_run(third.stdout) == ["train", "evaluate", "export", "quantize", "register"]
+    latest = json.loads((workspace / "reports" / "fashion-mnist" / "register.json").read_text())
+    assert latest["version"] == "2" and latest["previous_champion"] == "1"
+    assert latest["alias"] == "challenger" and "register.min_accuracy" in latest["reason"]
+    client = registry(ws_env)
+    assert str(client.get_model_version_by_alias("alexnet-fashion-mnist", "champion").version) == "1"
+    assert "min_accuracy" in client.get_model_version("alexnet-fashion-mnist", "2").tags["decision"]
+    shown = run([dvc, "exp", "show", "--no-pager", "--md"], workspace, ws_env).stdout
+    assert "accuracy" in shown and "train.epochs" in shown
+
+
+def check_a_second_dataset_leaves_the_first_alone(workspace, ws_env, cifar10_mirror) -> None:
+    """CIFAR-10: its own outputs, MLflow experiment and registered model."""
     kept = {p: p.read_bytes() for p in (workspace / "artifacts" / "fashion-mnist").iterdir()}
-    mirror, checksums = tiny_cifar10_mirror
+    mirror, checksums = cifar10_mirror
     params = yaml.safe_load((workspace / "params.yaml").read_text())
     params["base"]["dataset"] = "cifar10"
     params["fetch"] |= {"mirrors": [str(mirror)], "checksums": checksums}
+    params["register"]["min_accuracy"] = 0.0
     (workspace / "params.yaml").write_text(yaml.safe_dump(params))
-    run([dvc, "repro"], workspace, ws_env)
+    run([f"{VENV_BIN}/dvc", "repro"], workspace, ws_env)
     assert {p: p.read_bytes() for p in kept} == kept
     record = json.loads((workspace / "reports" / "cifar10" / "register.json").read_text())
     assert (record["model_name"], record["version"], record["alias"]) == ("alexnet-cifar10", "1", "champion")
     info = mlflow_model_info(ws_env, "models:/alexnet-cifar10@champion")
     assert info.signature.inputs.inputs[0].shape == (-1, 3, 67, 67)
-    assert len(client.search_model_versions("name='alexnet-fashion-mnist'")) == 1
-    assert client.get_run(record["run_id"]).info.experiment_id != logged.info.experiment_id
+    client = registry(ws_env)
+    assert len(client.search_model_versions("name='alexnet-fashion-mnist'")) == 2
+    fashion_run = client.get_model_version("alexnet-fashion-mnist", "1").run_id
+    assert (
+        client.get_run(record["run_id"]).info.experiment_id != client.get_run(fashion_run).info.experiment_id
+    )
 
 
 def test_a_stage_failure_prints_one_clear_error(workspace, ws_env):
