@@ -129,6 +129,8 @@ def check_an_experiment_misses_the_gate(workspace, ws_env) -> None:
     flags = ["-S", "train.epochs=1", "-S", "register.min_accuracy=1.0"]
     third = run([dvc, "exp", "run", *flags], workspace, ws_env)
     assert stages_run(third.stdout) == ["train", "evaluate", "export", "quantize", "register"]
+    evaluation = json.loads((workspace / "reports" / "fashion-mnist" / "evaluate.json").read_text())
+    assert evaluation["accuracy"] < 1.0  # so min_accuracy=1.0 must hold it back
     latest = json.loads((workspace / "reports" / "fashion-mnist" / "register.json").read_text())
     assert latest["version"] == "2" and latest["previous_champion"] == "1"
     assert latest["alias"] == "challenger" and "register.min_accuracy" in latest["reason"]
@@ -142,11 +144,15 @@ def check_an_experiment_misses_the_gate(workspace, ws_env) -> None:
 def check_a_second_dataset_leaves_the_first_alone(workspace, ws_env, cifar10_mirror) -> None:
     """CIFAR-10: its own outputs, MLflow experiment and registered model."""
     kept = {p: p.read_bytes() for p in (workspace / "artifacts" / "fashion-mnist").iterdir()}
+    client = registry(ws_env)
+    fashion_versions = client.search_model_versions("name='alexnet-fashion-mnist'")
+    fashion_champion = client.get_model_version_by_alias("alexnet-fashion-mnist", "champion").version
+    # `dvc exp run -S` left its values in the workspace params.yaml: back to the committed ones
+    run(["git", "checkout", "params.yaml"], workspace)
     mirror, checksums = cifar10_mirror
     params = yaml.safe_load((workspace / "params.yaml").read_text())
     params["base"]["dataset"] = "cifar10"
     params["fetch"] |= {"mirrors": [str(mirror)], "checksums": checksums}
-    params["register"]["min_accuracy"] = 0.0
     (workspace / "params.yaml").write_text(yaml.safe_dump(params))
     run([f"{VENV_BIN}/dvc", "repro"], workspace, ws_env)
     assert {p: p.read_bytes() for p in kept} == kept
@@ -154,8 +160,8 @@ def check_a_second_dataset_leaves_the_first_alone(workspace, ws_env, cifar10_mir
     assert (record["model_name"], record["version"], record["alias"]) == ("alexnet-cifar10", "1", "champion")
     info = mlflow_model_info(ws_env, "models:/alexnet-cifar10@champion")
     assert info.signature.inputs.inputs[0].shape == (-1, 3, 67, 67)
-    client = registry(ws_env)
-    assert len(client.search_model_versions("name='alexnet-fashion-mnist'")) == 2
+    assert len(client.search_model_versions("name='alexnet-fashion-mnist'")) == len(fashion_versions)
+    assert client.get_model_version_by_alias("alexnet-fashion-mnist", "champion").version == fashion_champion
     fashion_run = client.get_model_version("alexnet-fashion-mnist", "1").run_id
     assert (
         client.get_run(record["run_id"]).info.experiment_id != client.get_run(fashion_run).info.experiment_id
