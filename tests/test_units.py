@@ -1,19 +1,20 @@
 """The pure pieces: augmentation, statistics, schedules, the promotion rule, the confusion matrix."""
 
 import math
+import subprocess
 
 import pytest
 import torch
 
-from alexops import augment, datasets, params, prepare, register, train
+from alexops import augment, datasets, params, prepare, register, tracking, train
 from alexops.evaluate import confusion_matrix
 
 RECIPE = augment.Recipe.create(67, 256 / 224, [0.5], [0.25])
 
 
-def test_crop_and_flip_picks_real_windows_and_mirrors_about_half():
+def test_random_crops_pick_real_windows_and_mirror_about_half():
     x = torch.arange(2 * 1 * 10 * 10, dtype=torch.float32).view(2, 1, 10, 10).repeat(200, 1, 1, 1)
-    crops = augment.crop_and_flip(x, 4, flip=True, generator=torch.Generator().manual_seed(0))
+    crops = augment.random_crops(x, 10, 4, flip=True, generator=torch.Generator().manual_seed(0))
     assert crops.shape == (400, 1, 4, 4)
     mirrored = 0
     for crop, image in zip(crops, x, strict=True):
@@ -23,6 +24,21 @@ def test_crop_and_flip_picks_real_windows_and_mirrors_about_half():
         assert torch.equal(crop[0], window) or torch.equal(crop[0], window.flip(-1))
         mirrored += not torch.equal(crop[0], window)
     assert 120 < mirrored < 280
+
+
+@pytest.mark.parametrize("source, resize, size", [(28, 113, 99), (32, 37, 32), (40, 30, 24)])
+def test_random_crops_equal_cropping_the_resized_image(source, resize, size):
+    """Up- and down-sizing: the matrix products give what resizing, then cropping gives."""
+    images = torch.randint(0, 256, (64, 3, source, source), dtype=torch.uint8)
+    crops = augment.random_crops(images.float() / 255, resize, size, True, torch.Generator().manual_seed(1))
+    generator = torch.Generator().manual_seed(1)  # the same draws: top, left, then mirrors
+    top, left = (torch.randint(0, resize - size + 1, (64,), generator=generator) for _ in range(2))
+    mirrored = torch.rand(64, generator=generator) < 0.5
+    full = augment.resized(images, resize)
+    for i in range(64):
+        window = full[i, :, top[i] : top[i] + size, left[i] : left[i] + size]
+        expected = window.flip(-1) if mirrored[i] else window
+        assert torch.allclose(crops[i], expected, atol=1e-5)
 
 
 def test_pca_lighting_shifts_each_image_along_the_eigenvectors():
@@ -35,6 +51,18 @@ def test_pca_lighting_shifts_each_image_along_the_eigenvectors():
     coords = per_image @ eigvec  # back to the eigen-basis: α_i λ_i, α ~ N(0, 0.1)
     assert coords.std(0).tolist() == pytest.approx([0.05, 0.01], rel=0.1)
     assert augment.pca_lighting(x, augment.Lighting(lighting.eigval, eigvec, 0.0), None) is x
+
+
+def test_a_training_batch_is_crop_flip_lighting_then_normalisation():
+    """train_batch fuses lighting and normalisation; it must equal the steps one by one."""
+    recipe = augment.Recipe.create(67, 256 / 224, [0.5, 0.4, 0.3], [0.25, 0.2, 0.3])
+    lighting = augment.Lighting(torch.tensor([0.3, 0.2, 0.1]), torch.linalg.qr(torch.randn(3, 3))[0], 0.1)
+    images = torch.randint(0, 256, (16, 3, 28, 28), dtype=torch.uint8)
+    fused = augment.train_batch(images, recipe, lighting, True, torch.Generator().manual_seed(3))
+    generator = torch.Generator().manual_seed(3)
+    x = augment.random_crops(images.float() / 255, recipe.resize, 67, True, generator)
+    stepwise = augment.normalised(augment.pca_lighting(x, lighting, generator), recipe)
+    assert torch.allclose(fused, stepwise, atol=1e-5)
 
 
 def test_channel_statistics_recover_a_known_covariance():
@@ -119,3 +147,22 @@ def test_plateau_without_validation_is_rejected():
     with pytest.raises(params.AlexopsError, match="val_size"):
         params.from_dict({"train": {"schedule": "plateau", "val_size": 0}})
     assert math.isfinite(params.from_dict({"train": {"schedule": "cosine", "val_size": 0}}).train.lr)
+
+
+def test_git_dirty_ignores_what_the_pipeline_writes_but_not_code_or_params(tmp_path):
+    def git(*args):
+        subprocess.run(["git", *args], cwd=tmp_path, check=True, capture_output=True)
+
+    git("init", "-q")
+    for name in ("dvc.lock", "reports/m.json", "params.yaml", "src.py"):
+        (tmp_path / name).parent.mkdir(exist_ok=True)
+        (tmp_path / name).write_text("committed\n")
+    git("add", "-A")
+    git("-c", "user.email=t@t", "-c", "user.name=t", "commit", "-q", "-m", "c")
+    (tmp_path / "dvc.lock").write_text("a run rewrote it\n")
+    (tmp_path / "reports" / "m.json").write_text("new metrics\n")
+    assert tracking.lineage_tags(tmp_path)["git.dirty"] == "false"
+    for edited in ("params.yaml", "src.py"):
+        (tmp_path / edited).write_text("edited\n")
+        assert tracking.lineage_tags(tmp_path)["git.dirty"] == "true"
+        git("checkout", edited)

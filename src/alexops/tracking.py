@@ -114,10 +114,15 @@ def data_hash(paths: Paths) -> str | None:
     return dvc_lock_tags(paths.root).get(f"dvc.prepare.{relative}")
 
 
+# Files every run rewrites (dvc.lock and the stages' reports, which git tracks): a change to
+# them says that the pipeline ran, not that the code or params differ from the commit.
+PIPELINE_WRITES = (":(exclude)dvc.lock", ":(exclude)reports")
+
+
 def lineage_tags(root: Path) -> dict[str, str]:
     """Git commit and dirtiness, the Prefect flow run when there is one."""
     tags = {"git.commit": _git(root, "rev-parse", "HEAD") or "unknown"}
-    status = _git(root, "status", "--porcelain", "--untracked-files=no")
+    status = _git(root, "status", "--porcelain", "--untracked-files=no", "--", ".", *PIPELINE_WRITES)
     tags["git.dirty"] = "unknown" if status is None else str(bool(status)).lower()
     if flow_run := os.environ.get(PREFECT_FLOW_RUN_ENV):
         tags["prefect.flow_run_id"] = flow_run
