@@ -176,9 +176,13 @@ def test_property_matches_torch(n, c, hw, size, channels_last):
     close(gx, gx_ref)
 
 
-def test_onnx_export_runs_in_onnxruntime(tmp_path):
+@pytest.mark.parametrize(
+    "size, alpha, beta, k",
+    [(5, 5e-4, 0.75, 2.0), (4, 1.0, 0.75, 1.0), (3, 2.0, 0.6, 1.0)],  # large alpha: the window sum matters
+)
+def test_onnx_export_runs_in_onnxruntime(tmp_path, size, alpha, beta, k):
     path = tmp_path / "lrn.onnx"
-    model = LocalResponseNorm().eval()
+    model = LocalResponseNorm(size, alpha, beta, k).eval()
     batch = torch.export.Dim("batch")
     torch.onnx.export(
         model, (inputs((2, 10, 5, 5))[0],), str(path), dynamo=True,
@@ -190,7 +194,7 @@ def test_onnx_export_runs_in_onnxruntime(tmp_path):
     for n in (1, 3):
         x, _ = inputs((n, 10, 5, 5), seed=n)
         (out,) = session.run(None, {"x": x.numpy()})
-        expected = reference(5, 5e-4, 0.75, 2.0)(x).numpy()
+        expected = reference(size, alpha, beta, k)(x).numpy()
         assert out.shape == expected.shape
         assert np.abs(out - expected).max() <= 1e-5
 

@@ -41,9 +41,16 @@ def test_quantize_writes_a_qdq_int8_model_that_runs_and_reports_both(exported):
     proto = onnx.load(str(paths.int8_onnx))
     ops = collections.Counter(node.op_type for node in proto.graph.node)
     assert ops["QuantizeLinear"] > 0 and ops["DequantizeLinear"] > 0
-    assert ops["Conv"] == 5 and ops["Gemm"] == 3  # the layers stay, now between Q/DQ pairs
-    int8_weights = [t for t in proto.graph.initializer if t.data_type == onnx.TensorProto.INT8 and t.dims]
-    assert len(int8_weights) >= 8  # every conv and fc weight is stored as int8
+    assert ops["Conv"] == 5 + 2 and ops["Gemm"] == 3  # the layers stay, now between Q/DQ pairs
+    kept_float = quantize.float_convs(proto)  # conv1, conv2 and the LRNs' window sums
+    assert len(kept_float) == 4
+    floats = {t.name for t in proto.graph.initializer if t.data_type == onnx.TensorProto.FLOAT}
+    assert all(n.input[1] in floats for n in proto.graph.node if n.name in kept_float)
+    int8_tensors = {t.name for t in proto.graph.initializer if t.data_type == onnx.TensorProto.INT8}
+    dequantized = {n.output[0]: n.input[0] for n in proto.graph.node if n.op_type == "DequantizeLinear"}
+    layers = [n for n in proto.graph.node if n.op_type in ("Conv", "Gemm")]
+    int8_layers = [n for n in layers if dequantized.get(n.input[1]) in int8_tensors]
+    assert len(int8_layers) == 6  # conv3-5 and the three fully connected layers hold int8 weights
 
     images, labels = load_split(paths.prepared / "test.pt")
     x = augment.preprocess(images[:16], recipe).numpy()
