@@ -95,11 +95,15 @@ def measure_models(paths: Paths, quick: bool, rounds: int = 5) -> dict:
     batch = augment.preprocess(images[1:65], recipe).numpy()
     found = runners(paths)
     latency, throughput = {name: [] for name in found}, {name: [] for name in found}
+    for run in found.values():  # warm up once, outside the timed rounds
+        for _ in range(5):
+            run(one), run(batch)
     # Rounds interleave the models, so that a busy neighbour on a shared machine slows all alike
+    single_calls, batch_calls = (50 if quick else 300) // rounds, (5 if quick else 30) // rounds or 1
     for _ in range(rounds):
         for name, run in found.items():
-            latency[name] += timed(lambda run=run: run(one), (50 if quick else 300) // rounds)
-            throughput[name] += timed(lambda run=run: run(batch), (5 if quick else 30) // rounds or 1)
+            latency[name] += timed(lambda run=run: run(one), single_calls, warmup=0)
+            throughput[name] += timed(lambda run=run: run(batch), batch_calls, warmup=0)
     results = {}
     for name, run in found.items():
         results[name] = {

@@ -190,6 +190,9 @@ def test_onnx_export_runs_in_onnxruntime(tmp_path, size, alpha, beta, k):
     )  # fmt: skip
     proto = onnx.load(str(path))
     onnx.checker.check_model(proto, full_check=True)
+    ops = {node.op_type for node in proto.graph.node}
+    assert "Conv" in ops  # the window sum as a 1×1 convolution (lrn._export_forward)
+    assert ("Pow" not in ops and "Sqrt" in ops) if beta == 0.75 else "Pow" in ops
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     for n in (1, 3):
         x, _ = inputs((n, 10, 5, 5), seed=n)

@@ -7,6 +7,7 @@ and the CLI preprocess exactly as training evaluated.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import asdict, dataclass
 
 import torch
@@ -51,18 +52,14 @@ def resized(images: torch.Tensor, size: int) -> torch.Tensor:
     return F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False)
 
 
-def interpolation_matrix(out_size: int, in_size: int, device: torch.device) -> torch.Tensor:
-    """(out, in): row i holds the weights bilinear resizing (as `resized`) gives output pixel i."""
-    ratio = in_size / out_size
-    source = ((torch.arange(out_size, device=device) + 0.5) * ratio - 0.5).clamp(min=0)
-    lower = source.floor().long().clamp(max=in_size - 1)
-    upper = (lower + 1).clamp(max=in_size - 1)
-    weight = source - lower
-    matrix = torch.zeros(out_size, in_size, device=device)
-    rows = torch.arange(out_size, device=device)
-    matrix.index_put_((rows, lower), 1 - weight, accumulate=True)
-    matrix.index_put_((rows, upper), weight, accumulate=True)
-    return matrix
+@functools.lru_cache(maxsize=16)
+def interpolation_matrix(
+    out_size: int, in_size: int, dtype: torch.dtype, device: torch.device
+) -> torch.Tensor:
+    """(out, in): row i holds the weights that bilinear resizing (as `resized`) gives output
+    pixel i; built by resizing the identity, so the weights are PyTorch's own."""
+    identity = torch.eye(in_size, dtype=dtype, device=device)[None, None]
+    return F.interpolate(identity, size=(out_size, in_size), mode="bilinear", align_corners=False)[0, 0]
 
 
 def random_crops(
@@ -84,8 +81,8 @@ def random_crops(
     if flip:
         mirrored = torch.rand(n, device=dev, generator=generator) < 0.5
         col_index = torch.where(mirrored[:, None], col_index.flip(-1), col_index)
-    rows = interpolation_matrix(resize, h, dev)[row_index]  # (N, size, H)
-    cols = interpolation_matrix(resize, w, dev)[col_index]  # (N, size, W)
+    rows = interpolation_matrix(resize, h, x.dtype, dev)[row_index]  # (N, size, H)
+    cols = interpolation_matrix(resize, w, x.dtype, dev)[col_index]  # (N, size, W)
     return rows[:, None] @ x @ cols[:, None].transpose(-1, -2)  # (N, C, size, size)
 
 

@@ -75,7 +75,7 @@ def _export_forward(x: Tensor, size: int, alpha: float, beta: float, k: float) -
     band = (offset >= -(size // 2)) & (offset <= (size - 1) // 2)
     weight = band.to(x.dtype)[:, :, None, None] * (alpha / size)
     denom = F.conv2d(x * x, weight) + k
-    if beta == 0.75:
+    if beta == 0.75 and x.dtype in (torch.float32, torch.float64):  # d·sqrt(d) overflows fp16
         return x / torch.sqrt(denom * torch.sqrt(denom))
     return x * denom.pow(-beta)
 

@@ -122,7 +122,7 @@ PIPELINE_WRITES = (":(exclude)dvc.lock", ":(exclude)reports")
 def lineage_tags(root: Path) -> dict[str, str]:
     """Git commit and dirtiness, the Prefect flow run when there is one."""
     tags = {"git.commit": _git(root, "rev-parse", "HEAD") or "unknown"}
-    status = _git(root, "status", "--porcelain", "--untracked-files=no", "--", ".", *PIPELINE_WRITES)
+    status = _git(root, "status", "--porcelain", "--untracked-files=no", "--", ":/", *PIPELINE_WRITES)
     tags["git.dirty"] = "unknown" if status is None else str(bool(status)).lower()
     if flow_run := os.environ.get(PREFECT_FLOW_RUN_ENV):
         tags["prefect.flow_run_id"] = flow_run
