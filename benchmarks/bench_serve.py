@@ -4,9 +4,9 @@
         [--serve-model fp32|int8] [--out FILE]
 
 1. models, on the pipeline's trained artifacts (artifacts/<dataset>/model.pt, model.onnx,
-   model.int8.onnx when the quantize stage has run): batch-1 latency (median, p90) and
+   model.int8.onnx when the quantize stage has run): batch-1 latency (median) and
    batch-64 throughput of each, on real test images, with centre-crop test accuracy on the
-   whole prepared test set; ratios side by side;
+   whole prepared test set; speed-ups as the median of each round's pair (min and max too);
 2. load: `alexops serve` on loopback with `--clients` concurrent keep-alive connections
    posting real Fashion-MNIST test images as PNG files (or preprocessed JSON arrays) for
    `--seconds`: requests/s, p50/p99 latency, errors, the server's mean batch size.
@@ -39,7 +39,7 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from alexops import augment, files, params  # noqa: E402
+from alexops import augment, files, inference, params  # noqa: E402
 from alexops.model import load_trained  # noqa: E402
 from alexops.paths import Paths  # noqa: E402
 from alexops.prepare import load_split  # noqa: E402
@@ -70,6 +70,15 @@ def timed(run, repeats: int, warmup: int = 5) -> list[float]:
     return times
 
 
+def settle() -> None:
+    """Let the last model's idle threads park before the next model is timed.
+
+    onnxruntime's pool threads spin for a while after each run; on a 2-core machine they
+    halved the speed of a PyTorch run started right after them (2,543 vs 5,165 img/s).
+    """
+    time.sleep(0.2)
+
+
 def runners(paths: Paths) -> dict:
     """name → a function from a float (N, C, S, S) array to logits, for each model present."""
     model, _, _, _ = load_trained(paths.model, "cpu")
@@ -83,12 +92,13 @@ def runners(paths: Paths) -> dict:
     found = {"pytorch_eager": eager}
     for name, path in (("onnxruntime_fp32", paths.onnx), ("onnxruntime_int8", paths.int8_onnx)):
         if path.exists():
-            session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+            options = inference.session_options(0)  # the server's own settings
+            session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
             found[name] = lambda x, s=session: s.run(None, {"image": x})[0]
     return found
 
 
-def measure_models(paths: Paths, quick: bool, rounds: int = 5) -> dict:
+def measure_models(paths: Paths, quick: bool, rounds: int = 10) -> dict:
     _, _, recipe, _ = load_trained(paths.model, "cpu")
     images, labels = load_split(paths.prepared / "test.pt")
     one = augment.preprocess(images[:1], recipe).numpy()
@@ -98,18 +108,23 @@ def measure_models(paths: Paths, quick: bool, rounds: int = 5) -> dict:
     for run in found.values():  # warm up once, outside the timed rounds
         for _ in range(5):
             run(one), run(batch)
-    # Rounds interleave the models, so that a busy neighbour on a shared machine slows all alike
-    single_calls, batch_calls = (50 if quick else 300) // rounds, (5 if quick else 30) // rounds or 1
+    # Rounds interleave the models, and ratios are taken within a round, so that the drift of
+    # a shared machine's speed (±30% here over minutes) slows both sides of a ratio alike
+    single_calls, batch_calls = (5, 1) if quick else (30, 10)
     for _ in range(rounds):
         for name, run in found.items():
-            latency[name] += timed(lambda run=run: run(one), single_calls, warmup=0)
-            throughput[name] += timed(lambda run=run: run(batch), batch_calls, warmup=0)
+            settle()
+            latency[name].append(statistics.median(timed(lambda run=run: run(one), single_calls, 1)))
+            settle()
+            seconds = statistics.median(timed(lambda run=run: run(batch), batch_calls, 1))
+            throughput[name].append(len(batch) / seconds)
     results = {}
     for name, run in found.items():
         results[name] = {
             "batch1_latency_ms_median": 1e3 * statistics.median(latency[name]),
-            "batch1_latency_ms_p90": 1e3 * percentile(latency[name], 90),
-            "batch64_images_per_s": len(batch) / statistics.median(throughput[name]),
+            "batch1_latency_ms_by_round": [1e3 * t for t in latency[name]],
+            "batch64_images_per_s": statistics.median(throughput[name]),
+            "batch64_images_per_s_by_round": throughput[name],
             "test_accuracy_center_crop": accuracy(run, images, labels, recipe),
         }
         print(f"{name:18s} {table_row(results[name])}", flush=True)
@@ -126,22 +141,31 @@ def accuracy(run, images: torch.Tensor, labels: torch.Tensor, recipe: augment.Re
 
 def table_row(r: dict) -> str:
     return (
-        f"batch-1 {r['batch1_latency_ms_median']:7.3f} ms (p90 {r['batch1_latency_ms_p90']:.3f})   "
+        f"batch-1 {r['batch1_latency_ms_median']:7.3f} ms   "
         f"batch-64 {r['batch64_images_per_s']:8.0f} img/s   accuracy {r['test_accuracy_center_crop']:.4f}"
     )
+
+
+STATS = {"": statistics.median, "_min": min, "_max": max}
+
+
+def paired(fast: dict, slow: dict) -> dict:
+    """Speed-ups of `fast` over `slow`, one per round from that round's two measurements."""
+    latency, speed = "batch1_latency_ms_by_round", "batch64_images_per_s_by_round"
+    by_round = {
+        "batch1": [s / f for f, s in zip(fast[latency], slow[latency], strict=True)],
+        "batch64": [f / s for f, s in zip(fast[speed], slow[speed], strict=True)],
+    }
+    return {f"{batch}{stat}": fn(values) for batch, values in by_round.items() for stat, fn in STATS.items()}
 
 
 def ratios(results: dict) -> dict:
     eager, fp32, int8 = (results.get(k) for k in ("pytorch_eager", "onnxruntime_fp32", "onnxruntime_int8"))
     out = {}
     if fp32:
-        out["onnxruntime_vs_eager_batch1"] = (
-            eager["batch1_latency_ms_median"] / fp32["batch1_latency_ms_median"]
-        )
-        out["onnxruntime_vs_eager_batch64"] = fp32["batch64_images_per_s"] / eager["batch64_images_per_s"]
+        out |= {f"onnxruntime_vs_eager_{k}": v for k, v in paired(fp32, eager).items()}
     if fp32 and int8:
-        out["int8_vs_fp32_batch1"] = fp32["batch1_latency_ms_median"] / int8["batch1_latency_ms_median"]
-        out["int8_vs_fp32_batch64"] = int8["batch64_images_per_s"] / fp32["batch64_images_per_s"]
+        out |= {f"int8_vs_fp32_{k}": v for k, v in paired(int8, fp32).items()}
         drop = fp32["test_accuracy_center_crop"] - int8["test_accuracy_center_crop"]
         out["int8_accuracy_drop_points"] = 100 * drop
     return out
@@ -313,7 +337,13 @@ def main(argv: list[str] | None = None) -> int:
     models = measure_models(paths, args.quick)
     compared = ratios(models)
     for name, value in compared.items():
-        print(f"  {name}: {value:.2f}")
+        if not name.endswith(("_min", "_max")):
+            spread = (
+                f" ({compared[name + '_min']:.2f}–{compared[name + '_max']:.2f} by round)"
+                if name + "_min" in compared
+                else ""
+            )
+            print(f"  {name}: {value:.2f}{spread}")
     payload = {"machine": machine(), "goals": GOALS, "models": models, "ratios": compared}
     if not args.skip_load:
         payload["load"] = measure_load(paths, args)
