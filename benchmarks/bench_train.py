@@ -4,7 +4,8 @@
         [--epochs N --data DIR] [--out FILE]
 
 1. throughput: img/s of an alexops training step (augmentation on the device included)
-   and of the seed recipe (PIL DataLoader, Adam, batch 64) at the same input size;
+   and of the seed recipe (PIL DataLoader, Adam, batch 64) at the same input size, each
+   also as arithmetic speed (GFLOP/s), next to the machine's own 4096² matrix product;
 2. data share: the fraction of an alexops step spent in augmentation;
 3. with --epochs and --data (a directory holding the four Fashion-MNIST files, gzipped
    or not): a real training run with train.fit, the accuracy curve, and the test
@@ -19,6 +20,7 @@ import gzip
 import json
 import os
 import platform
+import statistics
 import sys
 import tempfile
 import time
@@ -56,7 +58,49 @@ def stats_for(images: torch.Tensor) -> dict:
     }
 
 
-def time_alexops(images, labels, opts, device, steps: int, warmup: int) -> dict:
+def forward_multiply_adds(model: torch.nn.Module, example: torch.Tensor) -> int:
+    """Multiply-adds of one image's forward pass through the convolutions and linear layers."""
+    counted = 0
+
+    def count(module, _inputs, output):
+        nonlocal counted
+        if isinstance(module, torch.nn.Conv2d):
+            window = module.in_channels // module.groups * module.kernel_size[0] * module.kernel_size[1]
+            counted += output[0].numel() * window
+        elif isinstance(module, torch.nn.Linear):
+            counted += module.in_features * module.out_features
+
+    hooks = [m.register_forward_hook(count) for m in model.modules()]
+    with torch.no_grad():
+        model(example[:1])
+    for hook in hooks:
+        hook.remove()
+    return counted
+
+
+def training_gflop(model: torch.nn.Module, example: torch.Tensor) -> float:
+    """About 3 forward passes per trained image (forward, input and weight gradients), 2 FLOP each."""
+    return 3 * 2 * forward_multiply_adds(model, example) / 1e9
+
+
+def matmul_gflop_per_s(dtype: torch.dtype, device: torch.device, n: int = 4096) -> float:
+    """The machine's yardstick: the best of five n×n matrix products, in GFLOP/s."""
+    a, b = (torch.randn(n, n, device=device).to(dtype) for _ in range(2))
+    best = 0.0
+    for _ in range(6):
+        sync(device)
+        started = time.perf_counter()
+        a @ b
+        sync(device)
+        best = max(best, 2 * n**3 / (time.perf_counter() - started) / 1e9)
+    return best
+
+
+def alexops_step(images, labels, opts, device):
+    """(step, images per step, session): one alexops training step, augmentation included.
+
+    `step(timed_data=True)` syncs after the augmentation and returns its seconds.
+    """
     torch.manual_seed(0)
     session = train.build(opts, stats_for(images), device)
     model = torch.compile(session.model) if opts.compile else session.model
@@ -64,7 +108,7 @@ def time_alexops(images, labels, opts, device, steps: int, warmup: int) -> dict:
     generator = torch.Generator(device=device).manual_seed(0)
     amp = train.autocast_enabled(device, opts)
 
-    def step(i: int, timed_data: bool = False) -> float:
+    def step(timed_data: bool = False) -> float:
         index = torch.randint(0, len(labels), (opts.batch_size,), device=device, generator=generator)
         started = time.perf_counter()
         x = augment.train_batch(images[index], session.recipe, session.lighting, opts.flip, generator)
@@ -80,42 +124,89 @@ def time_alexops(images, labels, opts, device, steps: int, warmup: int) -> dict:
         session.optimizer.step()
         return data_seconds
 
-    for i in range(warmup):
-        step(i)
-    sync(device)
-    started = time.perf_counter()
-    for i in range(steps):
-        step(i)
-    sync(device)
-    seconds = time.perf_counter() - started
-    # data share: the same steps with a sync after augmentation, so its time is its own
-    data, started_shared = 0.0, time.perf_counter()
-    for i in range(steps):
-        data += step(i, timed_data=True)
-    sync(device)
-    return {
-        "img_per_s": steps * opts.batch_size / seconds,
-        "data_share": data / (time.perf_counter() - started_shared),
-        "batch_size": opts.batch_size,
-        "parameters": sum(p.numel() for p in session.model.parameters()),
-    }
+    return step, opts.batch_size, session
 
 
-def time_seed(images, labels, image_size: int, device, steps: int, warmup: int) -> dict:
+def seed_step(images, labels, image_size: int, device):
+    """(step, images per step, model): one step of the seed recipe, its PIL loading included."""
     torch.manual_seed(0)
     model = seed_recipe.SeedAlexNet(1, 10, image_size).to(device)
     optimizer = torch.optim.Adam(model.parameters())
-    batches = iter(seed_recipe.loader(images, labels, image_size))
-    for _ in range(warmup):
-        x, y = next(batches)
+
+    def batches():
+        while True:
+            yield from seed_recipe.loader(images, labels, image_size)
+
+    stream = batches()
+
+    def step() -> None:
+        x, y = next(stream)  # the per-sample PIL work happens here, as in the seed
         seed_recipe.train_step(model, optimizer, x.to(device), y.to(device))
-    sync(device)
-    started = time.perf_counter()
+
+    return step, 64, model
+
+
+def timed_rounds(runs: dict, rounds: int, warmup: int, device) -> dict[str, list[float]]:
+    """img/s of each run in each round; `runs` maps a name to (step, images per step, steps).
+
+    The runs take turns, so that a shared machine's drift slows both sides of a round alike.
+    """
+    for step, _, _ in runs.values():
+        for _ in range(warmup):
+            step()
+    speeds = {name: [] for name in runs}
+    for _ in range(rounds):
+        for name, (step, per_step, steps) in runs.items():
+            sync(device)
+            started = time.perf_counter()
+            for _ in range(steps):
+                step()
+            sync(device)
+            speeds[name].append(steps * per_step / (time.perf_counter() - started))
+    return speeds
+
+
+def data_share(step, steps: int, device) -> float:
+    """The fraction of alexops steps spent in augmentation (timed with a sync after it)."""
+    data, started = 0.0, time.perf_counter()
     for _ in range(steps):
-        x, y = next(batches)  # the per-sample PIL work happens here, as in the seed
-        seed_recipe.train_step(model, optimizer, x.to(device), y.to(device))
+        data += step(timed_data=True)
     sync(device)
-    return {"img_per_s": steps * 64 / (time.perf_counter() - started), "batch_size": 64}
+    return data / (time.perf_counter() - started)
+
+
+def measure_throughput(images, labels, opts, device, args) -> dict:
+    ours, batch, session = alexops_step(images, labels, opts, device)
+    model, example = session.model, augment.preprocess(images[:1], session.recipe).to(device)
+    rounds = max(1, args.rounds)
+    runs = {"alexops": (ours, batch, max(1, args.steps // rounds))}
+    gflop = {"alexops": training_gflop(model, example)}
+    if not args.skip_seed:
+        seed, seed_batch, seed_model = seed_step(images, labels, opts.image_size, device)
+        runs["seed"] = (seed, seed_batch, max(1, args.seed_steps // rounds))
+        gflop["seed"] = training_gflop(seed_model, torch.zeros_like(example))
+    speeds = timed_rounds(runs, rounds, args.warmup, device)
+    result = {
+        name: {
+            "img_per_s": statistics.median(speeds[name]),
+            "img_per_s_by_round": speeds[name],
+            "gflop_per_image": gflop[name],
+            "batch_size": runs[name][1],
+        }
+        for name in runs
+    }
+    result["alexops"] |= {"data_share": data_share(ours, args.steps, device), "parameters": count(model)}
+    if "seed" in result:
+        by_round = [a / b for a, b in zip(speeds["alexops"], speeds["seed"], strict=True)]
+        result |= {
+            "speedup_vs_seed": statistics.median(by_round),
+            "speedup_vs_seed_by_round": by_round,
+        }
+    return result
+
+
+def count(model: torch.nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
 
 
 def read_fashion_mnist(directory: Path):
@@ -157,7 +248,8 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--seed-steps", type=int, default=5)
-    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--warmup", type=int, default=1, help="untimed steps of each before the rounds")
+    parser.add_argument("--rounds", type=int, default=3, help="turns of alexops and the seed (default 3)")
     parser.add_argument("--compile", action="store_true")
     parser.add_argument("--params", default=None, help="take train params from this params.yaml")
     parser.add_argument("--set", action="append", default=[], help="train.KEY=VALUE override (YAML value)")
@@ -175,15 +267,20 @@ def main() -> None:
         "threads": torch.get_num_threads(),
         "torch": torch.__version__,
         "train_params": {k: v for k, v in vars(opts).items()},
-        "alexops": time_alexops(images, labels, opts, device, args.steps, args.warmup),
     }
+    # Arithmetic speed next to the machine's matrix-product speed says how much room is left
+    dtype = torch.bfloat16 if train.autocast_enabled(device, opts) else torch.float32
+    result["matmul_gflop_per_s"] = matmul_gflop_per_s(dtype, device)
+    print(f"{str(dtype)[6:]} 4096² matrix product: {result['matmul_gflop_per_s']:.0f} GFLOP/s")
+    result |= measure_throughput(images, labels, opts, device, args)
     ours = result["alexops"]
-    print(f"alexops: {ours['img_per_s']:.0f} img/s, data share {ours['data_share']:.1%}")
-    if not args.skip_seed:
-        result["seed"] = time_seed(images, labels, opts.image_size, device, args.seed_steps, 1)
-        result["speedup_vs_seed"] = result["alexops"]["img_per_s"] / result["seed"]["img_per_s"]
-        seed = result["seed"]["img_per_s"]
-        print(f"seed recipe: {seed:.0f} img/s → alexops is {result['speedup_vs_seed']:.2f}×")
+    print(f"alexops: {ours['img_per_s']:.0f} img/s ({arithmetic(ours)}), data share {ours['data_share']:.1%}")
+    if "seed" in result:
+        low, high = min(result["speedup_vs_seed_by_round"]), max(result["speedup_vs_seed_by_round"])
+        print(
+            f"seed recipe: {result['seed']['img_per_s']:.0f} img/s ({arithmetic(result['seed'])}) "
+            f"→ alexops is {result['speedup_vs_seed']:.2f}× (rounds: {low:.2f}–{high:.2f}×)"
+        )
     if args.epochs:
         result["accuracy_run"] = accuracy_run(args.data, opts, device, 42, not args.no_ten_crop)
         run = result["accuracy_run"]
@@ -194,6 +291,11 @@ def main() -> None:
     out = args.out or Path(__file__).parent / "results" / f"train-{device.type}.json"
     write_json_atomic(out, result)
     print(f"wrote {out}")
+
+
+def arithmetic(timing: dict) -> str:
+    per_image = timing["gflop_per_image"]
+    return f"{per_image:.3g} GFLOP/image, {timing['img_per_s'] * per_image:.0f} GFLOP/s"
 
 
 def train_params(args) -> params.TrainParams:
