@@ -36,6 +36,7 @@ import seed_recipe  # noqa: E402
 from alexops import augment, params, prepare, train  # noqa: E402
 from alexops.datasets import FASHION_MNIST, read_split  # noqa: E402
 from alexops.evaluate import metrics_from, predict_probabilities  # noqa: E402
+from alexops.model import count_parameters  # noqa: E402
 
 
 def sync(device: torch.device) -> None:
@@ -196,7 +197,8 @@ def measure_throughput(images, labels, opts, device, args) -> dict:
         }
         for name in runs
     }
-    result["alexops"] |= {"data_share": data_share(ours, args.steps, device), "parameters": count(model)}
+    result["alexops"]["data_share"] = data_share(ours, args.steps, device)
+    result["alexops"]["parameters"] = count_parameters(model)
     if "seed" in result:
         by_round = [a / b for a, b in zip(speeds["alexops"], speeds["seed"], strict=True)]
         result |= {
@@ -204,10 +206,6 @@ def measure_throughput(images, labels, opts, device, args) -> dict:
             "speedup_vs_seed_by_round": by_round,
         }
     return result
-
-
-def count(model: torch.nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
 
 
 def read_fashion_mnist(directory: Path):
