@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 MIRROR := /usr/share/datasets/fashion-mnist
 
-.PHONY: install mirror run flow test lint format bench bench-gpu mlflow-ui mlflow-server clean \
+.PHONY: install mirror run flow sweep test lint format bench bench-gpu mlflow-ui mlflow-server clean \
 	prefect-server deploy push pull serve bench-serve
 
 install: $(STAMP)
@@ -44,6 +44,11 @@ run: install mirror
 flow: install mirror
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m pipeline.flows $(ARGS)
 
+# A grid of DVC experiments, N at a time, grouped as one sweep in MLflow; @champion ends on the best:
+#   make sweep ARGS="-S train.lr=0.02,0.05,0.1 -j 2"
+sweep: install mirror
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/alexops sweep $(ARGS)
+
 # Prefect: a local server with its UI, then the deployments of prefect.yaml and a worker.
 PREFECT_API ?= http://127.0.0.1:4200/api
 prefect-server: install
@@ -54,6 +59,7 @@ prefect-server: install
 deploy: install mirror
 	PREFECT_API_URL=$(PREFECT_API) $(BIN)/prefect work-pool create alexops --type process --overwrite
 	PREFECT_API_URL=$(PREFECT_API) ALEXOPS_WORKSPACE=$(CURDIR) $(BIN)/prefect --no-prompt deploy --all
+	PREFECT_API_URL=$(PREFECT_API) $(BIN)/python -m pipeline.automations
 	PREFECT_API_URL=$(PREFECT_API) PATH="$(CURDIR)/$(BIN):$$PATH" \
 	  $(BIN)/prefect worker start --pool alexops --limit 1
 

@@ -1,17 +1,44 @@
-"""The Prefect flow and deployment, on a real Prefect test server."""
+"""The Prefect flow and deployment, on one real Prefect test server, with real process workers."""
 
+from __future__ import annotations
+
+import contextlib
 import fcntl
 import json
+import os
 import shutil
+import signal
 import subprocess
 import time
+from pathlib import Path
 
+import pytest
 import yaml
 from conftest import REPO, VENV_BIN, run
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.filters import (
+    ArtifactFilter,
+    ArtifactFilterFlowRunId,
+    LogFilter,
+    LogFilterFlowRunId,
+    TaskRunFilter,
+    TaskRunFilterFlowRunId,
+)
 from prefect.testing.utilities import prefect_test_harness
 
 from alexops.cli import STAGES as CLI_STAGES
 from pipeline import flows
+
+DATASET = "fashion-mnist"
+
+
+@pytest.fixture(scope="module")
+def prefect_server():
+    # a dead worker's concurrency slot comes back when its lease expires: 30 s here (default 300)
+    os.environ["PREFECT_SERVER_CONCURRENCY_INITIAL_DEPLOYMENT_LEASE_DURATION"] = "30"
+    with prefect_test_harness(server_startup_timeout=180):
+        yield
+    os.environ.pop("PREFECT_SERVER_CONCURRENCY_INITIAL_DEPLOYMENT_LEASE_DURATION")
 
 
 def test_flow_stages_equal_dvc_yaml():
@@ -22,14 +49,24 @@ def test_flow_stages_equal_dvc_yaml():
 
 
 def artifacts_of(flow_run_id) -> dict[str, object]:
-    from prefect.client.orchestration import get_client
-    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
-
     with get_client(sync_client=True) as client:
         found = client.read_artifacts(
             artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id]))
         )
-    return {artifact.key: artifact for artifact in found}
+    return {artifact.key: artifact for artifact in sorted(found, key=lambda a: a.created)}
+
+
+def task_runs_of(flow_run_id) -> list:
+    with get_client(sync_client=True) as client:
+        found = client.read_task_runs(
+            task_run_filter=TaskRunFilter(flow_run_id=TaskRunFilterFlowRunId(any_=[flow_run_id]))
+        )
+    return sorted(found, key=lambda t: t.start_time or t.created)
+
+
+def logs_of(flow_run_id) -> list:
+    with get_client(sync_client=True) as client:
+        return client.read_logs(LogFilter(flow_run_id=LogFilterFlowRunId(any_=[flow_run_id])))
 
 
 def mlflow_client(env: dict):
@@ -39,31 +76,82 @@ def mlflow_client(env: dict):
     return mlflow.MlflowClient()
 
 
-def test_flow_runs_the_pipeline_in_the_workspace_with_artifacts(workspace, ws_env, monkeypatch):
+def confusion_total(artifact) -> int:
+    rows = json.loads(artifact.data) if isinstance(artifact.data, str) else artifact.data
+    return sum(v for row in rows for k, v in row.items() if k != "actual")
+
+
+def test_a_quick_run_streams_each_stage_live_with_progress_and_a_summary(
+    prefect_server, workspace, ws_env, monkeypatch
+):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", ws_env["MLFLOW_TRACKING_URI"])
-    with prefect_test_harness(server_startup_timeout=120):
-        state = flows.pipeline(workspace=str(workspace), return_state=True)
-        assert state.is_completed(), state
-        flow_run_id = state.state_details.flow_run_id
-        artifacts = artifacts_of(flow_run_id)
-    record = json.loads((workspace / "reports" / "fashion-mnist" / "register.json").read_text())
-    assert record["alias"] == "champion"
-    summary = artifacts["summary-fashion-mnist"].data
+    state = flows.pipeline(workspace=str(workspace), return_state=True)
+    assert state.is_completed(), state
+    flow_run_id = state.state_details.flow_run_id
+    tasks = task_runs_of(flow_run_id)
+    assert [t.name for t in tasks] == list(flows.STAGES)
+
+    # each line was logged as the stage wrote it, not all at once when it ended
+    train = next(t for t in tasks if t.name == "train")
+    lines = [log for log in logs_of(flow_run_id) if log.task_run_id == train.id]
+    first_epoch = next(log for log in lines if log.message.startswith("epoch 1/2: loss"))
+    done = next(log for log in lines if log.message.startswith("alexops train: done"))
+    assert first_epoch.timestamp < done.timestamp <= train.end_time
+    assert not any("\r" in log.message for log in lines)
+
+    artifacts = artifacts_of(flow_run_id)
+    record = json.loads((workspace / "reports" / DATASET / "register.json").read_text())
+    summary = artifacts[f"summary-{DATASET}"].data
     assert f"alexnet-fashion-mnist version {record['version']} → @champion" in summary
     assert record["run_id"] in summary and "test_accuracy" in summary
-    table = artifacts["confusion-fashion-mnist"].data
-    rows = json.loads(table) if isinstance(table, str) else table
-    assert sum(v for row in rows for k, v in row.items() if k != "actual") == 80  # every test image
-
+    assert confusion_total(artifacts[f"confusion-{DATASET}"]) == 80  # every test image
+    training = artifacts[f"training-{DATASET}"]
+    assert training.type == "progress" and float(training.data) == 100.0
+    assert "epoch 2/2" in training.description and "ETA" in training.description
     tags = mlflow_client(ws_env).get_run(record["run_id"]).data.tags
     assert tags["prefect.flow_run_id"] == str(flow_run_id)  # the MLflow run points back at the flow run
 
+    # nothing changed: every stage says so, and the summary is still complete
+    again = flows.pipeline(workspace=str(workspace), return_state=True)
+    assert again.is_completed()
+    assert {t.state.message for t in task_runs_of(again.state_details.flow_run_id)} == {"up to date"}
+    artifacts = artifacts_of(again.state_details.flow_run_id)
+    assert "test_accuracy" in artifacts[f"summary-{DATASET}"].data
+    assert confusion_total(artifacts[f"confusion-{DATASET}"]) == 80
 
-def test_a_second_flow_run_waits_for_the_workspace_then_stops_clearly(workspace, ws_env, monkeypatch):
+
+def test_a_custom_run_shows_each_stage_and_a_gate_failure_fails_once_with_the_stage_error(
+    prefect_server, workspace, ws_env, monkeypatch
+):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", ws_env["MLFLOW_TRACKING_URI"])
+    params_before = (workspace / "params.yaml").read_bytes()
+    state = flows.pipeline(
+        workspace=str(workspace), epochs=1, overrides={"export.tolerance": 0.0}, return_state=True
+    )
+    assert state.is_failed()
+    assert state.message.startswith("stage export: onnxruntime disagrees with PyTorch")
+    assert "export.tolerance is 0, set below its default 0.0001" in state.message
+    assert "%|" not in state.message and "\n" not in state.message  # no progress residue
+    flow_run_id = state.state_details.flow_run_id
+    tasks = task_runs_of(flow_run_id)
+    assert [t.name for t in tasks] == ["fetch", "prepare", "train", "evaluate", "export"]  # trained once
+    assert tasks[-1].state.is_failed() and all(t.state.is_completed() for t in tasks[:-1])
+    errors = [log.message for log in logs_of(flow_run_id) if log.level >= 40]
+    assert any(m.startswith("alexops export: error: onnxruntime disagrees") for m in errors)
+    summary = artifacts_of(flow_run_id)[f"summary-{DATASET}"].data
+    assert "failed, not registered (stage export:" in summary and "test_accuracy" in summary
+    failed = mlflow_client(ws_env).search_runs(["1"], filter_string="attributes.status = 'FAILED'")
+    assert [r.data.tags["failure.stage"] for r in failed] == ["export"]
+    assert (workspace / "params.yaml").read_bytes() == params_before
+
+
+def test_a_second_flow_run_waits_for_the_workspace_then_stops_clearly(
+    prefect_server, workspace, ws_env, monkeypatch
+):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", ws_env["MLFLOW_TRACKING_URI"])
     lock = workspace / flows.LOCK_FILE
     lock.parent.mkdir(parents=True, exist_ok=True)
-    with open(lock, "a+") as held, prefect_test_harness(server_startup_timeout=120):
+    with open(lock, "a+") as held:
         held.write("the first run (pid 1)\n")
         held.flush()
         fcntl.flock(held, fcntl.LOCK_EX)  # as a running flow holds it
@@ -74,66 +162,135 @@ def test_a_second_flow_run_waits_for_the_workspace_then_stops_clearly(workspace,
     assert not (workspace / "data" / "raw").exists()  # DVC was never started
 
 
+# ---- the deployment, its worker, cancel and a dead worker ---------------------------------------------
+
+
 def prefect(args: list[str], cwd, env) -> subprocess.CompletedProcess:
     return run([f"{VENV_BIN}/prefect", *args], cwd, env)
 
 
-def test_deployment_from_prefect_yaml_runs_a_one_off_experiment_from_the_api(workspace, ws_env):
-    from prefect.client.orchestration import get_client
+def start_worker(workspace: Path, env: dict) -> subprocess.Popen:
+    """A process worker in a session of its own, so that the test can kill it with its runs."""
+    return subprocess.Popen(
+        [f"{VENV_BIN}/prefect", "worker", "start", "--pool", "alexops", "--limit", "1"],
+        cwd=workspace, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+    )  # fmt: skip
+
+
+def wait_for(predicate, limit_s: float, what: str):
+    deadline = time.monotonic() + limit_s
+    while time.monotonic() < deadline:
+        if (value := predicate()) is not None:
+            return value
+        time.sleep(1)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def final_state(flow_run_id, limit_s: float = 600):
+    def check():
+        with get_client(sync_client=True) as client:
+            state = client.read_flow_run(flow_run_id).state
+        return state if state is not None and state.is_final() else None
+
+    return wait_for(check, limit_s, f"flow run {flow_run_id} to end")
+
+
+def training_progress(flow_run_id):
+    """The run's training progress artifact once training is under way (below 100 %)."""
+    artifact = artifacts_of(flow_run_id).get(f"training-{DATASET}")
+    return artifact if artifact is not None and 0 < float(artifact.data) < 100 else None
+
+
+def kill_tree(pid: int) -> None:
+    """SIGKILL a process and all its descendants at once: a machine that dies."""
+    parents = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        parents[int(stat.parent.name)] = int(fields[1])
+    doomed, grew = {pid}, True
+    while grew:
+        children = {child for child, parent in parents.items() if parent in doomed} - doomed
+        doomed |= children
+        grew = bool(children)
+    for victim in doomed:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(victim, signal.SIGKILL)
+
+
+def alexops_processes(workspace: Path) -> list[str]:
+    """dvc and stage processes working in the workspace (or a copy of it under .dvc/tmp)."""
+    found = []
+    for proc in Path("/proc").glob("[0-9]*"):
+        try:
+            cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+            cwd = os.readlink(proc / "cwd")
+        except OSError:
+            continue
+        if ("alexops.cli" in cmdline or "/dvc " in cmdline) and cwd.startswith(str(workspace)):
+            found.append(cmdline)
+    return found
+
+
+def test_deployment_runs_cancels_cleanly_and_survives_a_dead_worker(prefect_server, workspace, ws_env):
     from prefect.deployments import run_deployment
     from prefect.settings import PREFECT_API_URL
+    from prefect.states import Cancelling
 
     shutil.copytree(REPO / "pipeline", workspace / "pipeline", ignore=shutil.ignore_patterns("__pycache__"))
     shutil.copy(REPO / "prefect.yaml", workspace / "prefect.yaml")
     run(["git", "add", "-A"], workspace)
     run(["git", "-c", "user.email=t@t", "-c", "user.name=t", "commit", "-q", "-m", "flows"], workspace)
     params_before = (workspace / "params.yaml").read_bytes()
-    with prefect_test_harness(server_startup_timeout=120):
-        env = ws_env | {"PREFECT_API_URL": PREFECT_API_URL.value(), "ALEXOPS_WORKSPACE": str(workspace)}
-        prefect(["work-pool", "create", "alexops", "--type", "process"], workspace, env)
-        prefect(["--no-prompt", "deploy", "--all"], workspace, env)
-        with get_client(sync_client=True) as client:
-            deployment = client.read_deployment_by_name("alexops-pipeline/nightly")
-        assert [s.schedule.cron for s in deployment.schedules] == ["0 2 * * *"]
-        assert deployment.global_concurrency_limit.limit == 1
-
-        # as the UI's "Run → custom run" does: parameters for this run only
-        flow_run = run_deployment("alexops-pipeline/nightly", parameters={"epochs": 1}, timeout=0)
-        worker = subprocess.Popen(
-            [f"{VENV_BIN}/prefect", "worker", "start", "--pool", "alexops", "--run-once"],
-            cwd=workspace, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-        )  # fmt: skip
-        try:
-            state = wait_for_final_state(flow_run.id, worker)
-        finally:
-            worker.kill()
-        assert state.is_completed(), worker.stdout.read()[-3000:]
-        artifacts = artifacts_of(flow_run.id)
-    assert "train.epochs (this run) | 1 |" in artifacts["summary-fashion-mnist"].data
-    assert (workspace / "params.yaml").read_bytes() == params_before  # the workspace is untouched
-    assert not (workspace / "reports").exists()
-
-    shown = json.loads(run([f"{VENV_BIN}/dvc", "exp", "show", "--json"], workspace, ws_env).stdout)
-    experiments = [e for baseline in shown for e in (baseline.get("experiments") or [])]
-    assert any((e.get("name") or "").startswith("fashion-mnist-train-epochs-1-") for e in experiments), shown
-
-    client = mlflow_client(ws_env)
-    champion = client.get_model_version_by_alias("alexnet-fashion-mnist", "champion")
-    logged = client.get_run(champion.run_id).data
-    assert logged.params["train.epochs"] == "1"
-    assert logged.tags["prefect.flow_run_id"] == str(flow_run.id)
-
-
-def wait_for_final_state(flow_run_id, worker: subprocess.Popen, limit_s: float = 300):
-    from prefect.client.orchestration import get_client
-
-    deadline = time.monotonic() + limit_s
+    env = ws_env | {"PREFECT_API_URL": PREFECT_API_URL.value(), "ALEXOPS_WORKSPACE": str(workspace)}
+    prefect(["work-pool", "create", "alexops", "--type", "process", "--overwrite"], workspace, env)
+    prefect(["--no-prompt", "deploy", "--all"], workspace, env)
+    run([f"{VENV_BIN}/python", "-m", "pipeline.automations"], workspace, env)
     with get_client(sync_client=True) as client:
-        while time.monotonic() < deadline:
-            state = client.read_flow_run(flow_run_id).state
-            if state.is_final():
-                return state
-            if worker.poll() is not None and not state.is_running():
-                return state
-            time.sleep(1)
-    return state
+        deployment = client.read_deployment_by_name("alexops-pipeline/nightly")
+    assert [s.schedule.cron for s in deployment.schedules] == ["0 2 * * *"]
+    assert deployment.global_concurrency_limit.limit == 1
+    choices = json.dumps(deployment.parameter_openapi_schema)
+    assert all(f'"{name}"' in choices for name in ("params.yaml", "fashion-mnist", "cifar10", "all"))
+
+    # a custom run, cancelled from the API (as the UI's Cancel button does) in the middle of training
+    worker = start_worker(workspace, env)
+    try:
+        cancelled = run_deployment("alexops-pipeline/nightly", parameters={"epochs": 60}, timeout=0)
+        wait_for(lambda: training_progress(cancelled.id), 600, "training progress while the run is running")
+        with get_client(sync_client=True) as client:
+            client.set_flow_run_state(cancelled.id, Cancelling(), force=True)
+        assert final_state(cancelled.id).is_cancelled()
+        assert wait_for(lambda: [] if not alexops_processes(workspace) else None, 60, "no stage left") == []
+        assert not list((workspace / ".dvc" / "tmp" / "exps" / "standalone").glob("tmp*"))
+        shown = json.loads(run([f"{VENV_BIN}/dvc", "exp", "show", "--json"], workspace, env).stdout)
+        states = [(e.get("executor") or {}).get("state") for b in shown for e in b.get("experiments") or []]
+        assert "running" not in states
+        killed = mlflow_client(ws_env).search_runs(
+            ["1"], filter_string=f"tags.`prefect.flow_run_id` = '{cancelled.id}'"
+        )
+        assert [(r.info.status, r.data.tags["failure.reason"]) for r in killed] == [
+            ("KILLED", "stopped by SIGINT")
+        ]
+
+        # a worker that dies with its run: the next worker runs the next run
+        dead = run_deployment("alexops-pipeline/nightly", parameters={"epochs": 60}, timeout=0)
+        wait_for(lambda: training_progress(dead.id), 600, "the second run's training")
+    finally:
+        kill_tree(worker.pid)  # the worker, its flow-run process, dvc, the stage: all at once
+        worker.wait()
+    worker = start_worker(workspace, env)
+    try:
+        after = run_deployment("alexops-pipeline/nightly", parameters={"epochs": 1}, timeout=0)
+        assert final_state(after.id, limit_s=900).is_completed()
+        assert final_state(dead.id, limit_s=300).is_crashed()  # no heartbeat: the automation says so
+    finally:
+        kill_tree(worker.pid)
+        worker.wait()
+    summary = artifacts_of(after.id)[f"summary-{DATASET}"].data
+    assert "train.epochs (this run) | 1 |" in summary
+    assert (workspace / "params.yaml").read_bytes() == params_before  # the workspace is untouched
+    runs = mlflow_client(ws_env).search_runs(["1"])
+    assert not [r for r in runs if r.info.status == "RUNNING"]  # the dead run's stage ended it too

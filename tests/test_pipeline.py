@@ -51,6 +51,7 @@ def test_the_pipeline_end_to_end_and_what_users_do_with_it(workspace, ws_env, tm
 
     check_push_then_pull_into_a_fresh_clone(workspace, ws_env, tmp_path / "clone")
     check_an_experiment_misses_the_gate(workspace, ws_env)
+    check_a_retrained_identical_model_reports_but_is_not_registered_again(workspace, ws_env)
     check_a_second_dataset_leaves_the_first_alone(workspace, ws_env, tiny_cifar10_mirror)
 
 
@@ -105,9 +106,42 @@ def check_lineage_from_the_champion(workspace, ws_env) -> None:
 
 
 def check_plots(workspace, ws_env, out) -> None:
-    plots = run([f"{VENV_BIN}/dvc", "plots", "show", "-o", str(out)], workspace, ws_env)
-    html = (out / "index.html").read_text()
-    assert "train_history.csv" in html and "confusion" in html, plots.stdout
+    """Exactly the declared plots, each once: two curves, the confusion matrix, two PNGs."""
+    shown = json.loads(run([f"{VENV_BIN}/dvc", "plots", "show", "--json"], workspace, ws_env).stdout)["data"]
+    assert sorted(shown) == sorted(
+        [
+            "loss",
+            "accuracy",
+            "confusion",
+            "reports/fashion-mnist/confusion.png",
+            "reports/fashion-mnist/curves.png",
+        ]
+    )
+    run([f"{VENV_BIN}/dvc", "plots", "show", "-o", str(out)], workspace, ws_env)
+    assert "confusion" in (out / "index.html").read_text()
+
+
+def check_a_retrained_identical_model_reports_but_is_not_registered_again(workspace, ws_env) -> None:
+    """Back to the committed params after an experiment: training again gives version 1's weights
+    (same params, same seed). Evaluate, export and quantize could come from DVC's run-cache, but
+    the new MLflow run still gets its test metrics and evaluation, and names version 1 instead
+    of registering a copy."""
+    dvc = f"{VENV_BIN}/dvc"
+    first = registry(ws_env).get_model_version("alexnet-fashion-mnist", "1").run_id
+    again = run(
+        [dvc, "exp", "run", "-S", "train.epochs=2", "-S", "register.min_accuracy=0.0"], workspace, ws_env
+    )
+    assert stages_run(again.stdout) == ["train", "evaluate", "export", "quantize", "register"]
+    record = json.loads((workspace / "reports" / "fashion-mnist" / "register.json").read_text())
+    assert record["run_id"] != first and record["registered"] is False
+    assert (record["version"], record["alias"]) == ("1", "champion") and "identical weights" in record[
+        "reason"
+    ]
+    client = registry(ws_env)
+    assert len(client.search_model_versions("name='alexnet-fashion-mnist'")) == 2  # v1 and the gate's v2
+    logged = client.get_run(record["run_id"])
+    assert "test_accuracy" in logged.data.metrics and logged.data.tags["registered_version"] == "1"
+    assert "evaluate/confusion.csv" in {a.path for a in client.list_artifacts(record["run_id"], "evaluate")}
 
 
 def check_push_then_pull_into_a_fresh_clone(workspace, ws_env, clone) -> None:

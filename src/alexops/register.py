@@ -117,7 +117,7 @@ def name_existing(client, name: str, version, digest: str) -> dict:
     if passed_gate(version):  # completes a decision that a crashed register left half made
         settle_champion(client, name)
     aliases = client.get_registered_model(name).aliases
-    alias = next((a for a in (CHAMPION, CHALLENGER) if aliases.get(a) == str(version.version)), None)
+    alias = next((a for a in (CHAMPION, CHALLENGER) if str(aliases.get(a)) == str(version.version)), None)
     return {
         "model_name": name,
         "version": str(version.version),
@@ -126,7 +126,7 @@ def name_existing(client, name: str, version, digest: str) -> dict:
         "reason": f"identical weights to version {version.version} ({DIGEST_TAG} {digest[:12]}…): "
         "not registered again",
         "accuracy": float(version.tags.get("accuracy", "nan")),
-        "previous_champion": aliases.get(CHAMPION),
+        "previous_champion": None if CHAMPION not in aliases else str(aliases[CHAMPION]),
         "model_uri": f"models:/{name}/{version.version}",
         "int8_uri": version.tags.get("int8.uri"),
     }
@@ -224,7 +224,7 @@ def settle_champion(client, name: str):
         if best is None:
             return None
         current = champion_of(client, name)
-        if current is not None and current.version == best.version:
+        if current is not None and str(current.version) == str(best.version):
             return best
         client.set_registered_model_alias(name, CHAMPION, best.version)
     return best

@@ -25,6 +25,7 @@ import re
 import socket
 import subprocess
 import time
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -139,7 +140,9 @@ def check_artifact_location(mlflow, experiment) -> None:
         return  # an object store or a tracking server's proxy: not ours to inspect
     location = Path(unquote(parsed.path))
     inside_copy = ".dvc/tmp/" in f"{location.as_posix()}/"
-    vanished = not inside_copy and not location.exists() and _has_runs(mlflow, experiment.experiment_id)
+    vanished = (
+        not inside_copy and not location.exists() and _has_finished_run(mlflow, experiment.experiment_id)
+    )
     if inside_copy or vanished:
         why = "inside a temporary DVC experiment copy, which DVC deletes" if inside_copy else "gone"
         raise AlexopsError(
@@ -152,8 +155,10 @@ def check_artifact_location(mlflow, experiment) -> None:
         )
 
 
-def _has_runs(mlflow, experiment_id: str) -> bool:
-    return bool(mlflow.search_runs([experiment_id], max_results=1, output_format="list"))
+def _has_finished_run(mlflow, experiment_id: str) -> bool:
+    """A finished train has logged artifacts (its curves): then its artifact root must exist."""
+    finished = "attributes.status = 'FINISHED'"
+    return bool(mlflow.search_runs([experiment_id], finished, max_results=1, output_format="list"))
 
 
 # ---- one run per pipeline run, and how it ends --------------------------------------------------
@@ -286,8 +291,10 @@ def log_dataset(mlflow, paths: Paths) -> None:
     from mlflow.data.meta_dataset import MetaDataset
 
     digest = data_hash(paths) or files.sha256_file(paths.prepared / "train.pt")[:32]
-    dataset = MetaDataset(resolve_dataset_source(str(paths.prepared)), name=paths.dataset, digest=digest)
-    mlflow.log_input(dataset, context="training")
+    with warnings.catch_warnings():  # "can be interpreted in multiple ways": a local path it is
+        warnings.simplefilter("ignore", UserWarning)
+        source = resolve_dataset_source(str(paths.prepared))
+    mlflow.log_input(MetaDataset(source, name=paths.dataset, digest=digest), context="training")
 
 
 def data_hash(paths: Paths) -> str | None:

@@ -1,0 +1,194 @@
+"""How MLflow runs end: signals, crashes and failures, on real stage processes and real stores;
+and the registry decision of parallel registers, on a real store with real processes."""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import mlflow
+import pytest
+import yaml
+from conftest import stage_command
+
+from alexops import files, register, tracking
+from alexops.errors import AlexopsError
+
+DATASET = "fashion-mnist"
+
+
+def client_for(uri: str) -> mlflow.MlflowClient:
+    mlflow.set_tracking_uri(uri)
+    return mlflow.MlflowClient()
+
+
+def set_train(root: Path, **values) -> None:
+    raw = yaml.safe_load((root / "params.yaml").read_text())
+    raw["train"] |= values
+    (root / "params.yaml").write_text(yaml.safe_dump(raw))
+
+
+def start_training(root: Path, epochs: int) -> subprocess.Popen:
+    """`alexops train` as a process; returns once its first epoch's checkpoint is on disk."""
+    set_train(root, epochs=epochs)
+    checkpoint = root / "artifacts" / DATASET / "checkpoint.pt"
+    process = subprocess.Popen(stage_command(root, "train"), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               text=True)  # fmt: skip
+    deadline = time.monotonic() + 300
+    while not checkpoint.exists() and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert checkpoint.exists(), process.communicate()
+    return process
+
+
+def the_run(root: Path):
+    run_id = files.read_json(root / "artifacts" / DATASET / "mlflow_run.json", "train")["run_id"]
+    return client_for(os.environ["MLFLOW_TRACKING_URI"]).get_run(run_id)
+
+
+@pytest.mark.parametrize("sent", [signal.SIGTERM, signal.SIGINT, signal.SIGHUP])
+def test_a_signal_stops_the_stage_its_run_ends_killed_and_a_rerun_resumes(prepared, sent):
+    process = start_training(prepared, epochs=8)
+    process.send_signal(sent)
+    out, err = process.communicate(timeout=120)
+    assert process.returncode == 128 + sent, err
+    assert f"stopped by {sent.name}" in err and "Traceback" not in err
+    stopped = the_run(prepared)
+    assert stopped.info.status == "KILLED" and stopped.info.end_time is not None
+    assert stopped.data.tags["failure.reason"] == f"stopped by {sent.name}"
+    assert stopped.data.tags["failure.stage"] == "train"
+    assert (prepared / "artifacts" / DATASET / "checkpoint.pt").exists()  # the rerun resumes from it
+    if sent != signal.SIGTERM:
+        return  # one resume is enough: every signal left the same state behind
+    resumed = subprocess.run(stage_command(prepared, "train"), capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resuming after epoch" in resumed.stdout
+    finished = the_run(prepared)
+    assert finished.info.run_id == stopped.info.run_id and finished.info.status == "FINISHED"
+    assert "failure.reason" not in finished.data.tags
+
+
+def test_a_run_whose_process_was_killed_9_is_closed_by_the_next_stage(prepared):
+    process = start_training(prepared, epochs=8)
+    process.kill()
+    process.communicate()
+    orphan = the_run(prepared)
+    assert orphan.info.status == "RUNNING"  # nothing can run on SIGKILL...
+    (prepared / "artifacts" / DATASET / "checkpoint.pt").unlink()  # a fresh training, a new run
+    set_train(prepared, epochs=1)
+    done = subprocess.run(stage_command(prepared, "train"), capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    closed = client_for(os.environ["MLFLOW_TRACKING_URI"]).get_run(orphan.info.run_id)
+    assert closed.info.status == "KILLED" and closed.info.end_time is not None  # ...the next one closes it
+    assert "ended without closing the run" in closed.data.tags["failure.reason"]
+    assert the_run(prepared).info.status == "FINISHED"
+
+
+def test_a_failing_stage_ends_the_run_failed_with_its_reason_and_keeps_what_finished(prepared):
+    set_train(prepared, epochs=1)
+    for stage in ("train", "evaluate"):
+        done = subprocess.run(stage_command(prepared, stage), capture_output=True, text=True)
+        assert done.returncode == 0, done.stderr
+    raw = yaml.safe_load((prepared / "params.yaml").read_text())
+    raw["export"]["tolerance"] = 0.0  # no two runtimes agree to the last bit
+    (prepared / "params.yaml").write_text(yaml.safe_dump(raw))
+    failed = subprocess.run(stage_command(prepared, "export"), capture_output=True, text=True)
+    assert failed.returncode == 2 and "Traceback" not in failed.stderr
+    # the fix names the actual cause: the tolerance the user set
+    assert "export.tolerance is 0, set below its default 0.0001" in failed.stderr
+    run = the_run(prepared)
+    assert run.info.status == "FAILED" and run.info.end_time is not None
+    assert run.data.tags["failure.stage"] == "export"
+    assert "export.tolerance" in run.data.tags["failure.reason"]
+    assert run.data.params["export.tolerance"] == "0.0001"  # params as train logged them
+    assert {"train_loss", "test_accuracy"} <= run.data.metrics.keys()  # finished stages' metrics stay
+    assert not (prepared / "artifacts" / DATASET / "model.onnx").exists()
+
+
+def test_an_experiment_whose_artifacts_live_in_a_dvc_copy_is_refused_with_the_fix(prepared):
+    uri = os.environ["MLFLOW_TRACKING_URI"]
+    client = client_for(uri)
+    copy = prepared / ".dvc" / "tmp" / "exps" / "standalone" / "tmpa1b2c3" / "mlruns"
+    client.create_experiment("alexops-fashion-mnist", artifact_location=copy.as_uri())  # as alexops 0.1 did
+    done = subprocess.run(stage_command(prepared, "train"), capture_output=True, text=True)
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert "temporary DVC experiment copy" in done.stderr and "mlflow experiments rename" in done.stderr
+    assert not client.search_runs([client.get_experiment_by_name("alexops-fashion-mnist").experiment_id])
+
+
+def test_an_experiment_whose_artifact_root_vanished_is_refused(tmp_path):
+    client = client_for(f"sqlite:///{tmp_path}/mlflow.db")
+    gone = tmp_path / "moved-away"
+    experiment = client.create_experiment("alexops-fashion-mnist", artifact_location=gone.as_uri())
+    client.set_terminated(client.create_run(experiment).info.run_id, "FINISHED")
+    with pytest.raises(AlexopsError, match="which is gone"):
+        tracking.check_artifact_location(mlflow, client.get_experiment(experiment))
+    gone.mkdir()
+    tracking.check_artifact_location(mlflow, client.get_experiment(experiment))  # back: accepted
+
+
+def test_a_new_experiment_keeps_its_artifacts_beside_the_sqlite_store(tmp_path, monkeypatch):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/store/mlflow.db")
+    monkeypatch.setenv("DVC_ROOT", str(tmp_path / "workspace"))
+    assert (
+        tracking.artifact_root(os.environ["MLFLOW_TRACKING_URI"], tmp_path)
+        == (tmp_path / "store" / "mlruns").as_uri()
+    )
+    monkeypatch.delenv("MLFLOW_TRACKING_URI")
+    copy = tmp_path / "workspace" / ".dvc" / "tmp" / "exps" / "tmpxyz"
+    assert tracking.tracking_uri(copy) == f"sqlite:///{tmp_path / 'workspace'}/mlflow.db"  # DVC_ROOT's
+    assert tracking.artifact_root(tracking.tracking_uri(copy), copy).startswith(
+        (tmp_path / "workspace").as_uri()
+    )
+
+
+# ---- the champion under parallel registers --------------------------------------------------------
+
+
+def _register_one(uri: str, name: str, accuracy: float, start: multiprocessing.Event) -> str:
+    """One register's decision, as a separate process would make it, without the workspace lock
+    (as on another machine): a version with its gate tags, then settle @champion."""
+    client = client_for(uri)
+    start.wait()
+    with mlflow.start_run() as run:
+        mlflow.log_text("weights", "model/model.onnx")
+    version = client.create_model_version(name, f"runs:/{run.info.run_id}/model", run.info.run_id)
+    for key, value in {"accuracy": f"{accuracy:.6f}", register.GATE_TAG: "passed"}.items():
+        client.set_model_version_tag(name, version.version, key, value)
+    register.settle_champion(client, name)
+    return str(version.version)
+
+
+def test_parallel_registers_leave_the_most_accurate_version_at_champion(tmp_path):
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    client = client_for(uri)
+    client.create_registered_model("alexnet-race")
+    accuracies = [0.81, 0.93, 0.87, 0.92]
+    context = multiprocessing.get_context("spawn")
+    start = context.Manager().Event()
+    with context.Pool(len(accuracies)) as pool:
+        pending = [pool.apply_async(_register_one, (uri, "alexnet-race", a, start)) for a in accuracies]
+        time.sleep(3)  # every process imported MLflow and waits at the start line
+        start.set()
+        versions = [p.get(timeout=300) for p in pending]
+    champion = client.get_model_version_by_alias("alexnet-race", register.CHAMPION)
+    assert float(champion.tags["accuracy"]) == max(accuracies)
+    assert str(champion.version) == versions[accuracies.index(max(accuracies))]
+
+
+def test_a_stale_alias_write_is_corrected_by_the_next_settle(tmp_path):
+    client = client_for(f"sqlite:///{tmp_path}/mlflow.db")
+    client.create_registered_model("m")
+    with mlflow.start_run() as run:
+        mlflow.log_text("w", "model/model.onnx")
+    for accuracy, gate in ((0.9, "passed"), (0.95, "failed"), (0.8, "passed")):
+        version = client.create_model_version("m", f"runs:/{run.info.run_id}/model", run.info.run_id)
+        client.set_model_version_tag("m", version.version, "accuracy", str(accuracy))
+        client.set_model_version_tag("m", version.version, register.GATE_TAG, gate)
+    client.set_registered_model_alias("m", register.CHAMPION, "3")  # a register that decided on old data
+    assert str(register.settle_champion(client, "m").version) == "1"  # best that passed: not the failed 0.95
+    assert str(client.get_model_version_by_alias("m", register.CHAMPION).version) == "1"
