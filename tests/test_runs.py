@@ -192,3 +192,37 @@ def test_a_stale_alias_write_is_corrected_by_the_next_settle(tmp_path):
     client.set_registered_model_alias("m", register.CHAMPION, "3")  # a register that decided on old data
     assert str(register.settle_champion(client, "m").version) == "1"  # best that passed: not the failed 0.95
     assert str(client.get_model_version_by_alias("m", register.CHAMPION).version) == "1"
+
+
+def test_sigterm_to_dvc_alone_stops_its_stage_too(workspace, ws_env):
+    """`docker stop`, Kubernetes and systemd's main-process mode signal dvc only, which dies without
+    passing it on; the stage asked to get SIGTERM when its parent dies, so it ends its run KILLED."""
+    set_train(workspace, epochs=8)
+    checkpoint = workspace / "artifacts" / DATASET / "checkpoint.pt"
+    dvc = subprocess.Popen([f"{Path(ws_env['PATH'].split(os.pathsep)[0])}/dvc", "repro"], cwd=workspace,
+                           env=ws_env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    deadline = time.monotonic() + 300
+    while not checkpoint.exists() and dvc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    dvc.send_signal(signal.SIGTERM)
+    dvc.wait()
+    deadline = time.monotonic() + 60
+    while _stage_processes(workspace) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not _stage_processes(workspace)  # no orphan left training
+    run_id = files.read_json(workspace / "artifacts" / DATASET / "mlflow_run.json", "train")["run_id"]
+    stopped = client_for(ws_env["MLFLOW_TRACKING_URI"]).get_run(run_id)
+    assert stopped.info.status == "KILLED" and stopped.data.tags["failure.reason"] == "stopped by SIGTERM"
+
+
+def _stage_processes(workspace: Path) -> list[int]:
+    found = []
+    for proc in Path("/proc").glob("[0-9]*"):
+        try:
+            if b"alexops.cli" in (proc / "cmdline").read_bytes() and os.readlink(proc / "cwd") == str(
+                workspace
+            ):
+                found.append(int(proc.name))
+        except OSError:
+            continue
+    return found

@@ -9,9 +9,9 @@ Two things happen before a stage starts:
 - **Signals end a stage cleanly.** SIGTERM (systemd, Kubernetes, `docker stop`, Prefect's
   cancel) and SIGHUP raise `Interrupted` like Ctrl-C does, so the stage unwinds: its MLflow run
   ends KILLED, locks are released, child processes stop, checkpoints written so far stay. A
-  second signal ends the process at once. DVC does not pass SIGTERM on to the stage it runs (it
-  dies and leaves the stage running), so on Linux a stage whose parent is DVC asks the kernel for
-  SIGTERM when that parent dies (prctl PR_SET_PDEATHSIG).
+  second Ctrl-C ends the process at once (`kill -9` always does). DVC does not pass SIGTERM on
+  to the stage it runs (it dies and leaves the stage running), so on Linux a stage whose parent
+  is DVC asks the kernel for SIGTERM when that parent dies (prctl PR_SET_PDEATHSIG).
 
 Exit codes: 0 done; 2 an error the user can fix (retrying will fail the same way); 75
 (EX_TEMPFAIL) an error that may pass by itself (a network, a server); 128 + N killed by signal N.
@@ -123,8 +123,11 @@ def stop_with_dvc() -> None:
 
 
 def _interrupt(number: int, frame) -> None:
-    for other in GRACEFUL_SIGNALS:  # unwinding takes a moment; a second signal ends it at once
-        signal.signal(other, signal.SIG_DFL)
+    # Unwinding takes a moment. A second Ctrl-C ends it at once; a repeated SIGTERM or SIGHUP does
+    # not: the kernel sends the parent-death signal again as each thread of a dying DVC exits.
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
     raise Interrupted(signal.Signals(number).name)
 
 
