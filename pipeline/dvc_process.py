@@ -16,6 +16,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -27,15 +28,11 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+from alexops.sweep import dvc_executable
+
 PROGRESS_INTERVAL_S = 10.0
 _LINE_END = re.compile(rb"\r\n|\n|\r")
 EXPERIMENTS_TMP = Path(".dvc") / "tmp" / "exps"
-
-
-def dvc_executable() -> str:
-    """The dvc beside this interpreter (the project's venv), else the one on PATH."""
-    beside = Path(sys.executable).with_name("dvc")
-    return str(beside) if beside.exists() else (shutil.which("dvc") or "dvc")
 
 
 # Exec'd in front of dvc on Linux: SIGTERM to dvc when the flow's process dies. A wrapper rather
@@ -91,28 +88,33 @@ class DvcProcess:
     def returncode(self) -> int | None:
         return self.process.poll()
 
-    def stop(self, grace_s: float = 15.0) -> None:
-        """Ctrl-C to dvc and its stage; then SIGTERM, then SIGKILL, each after `grace_s`."""
-        for number in (signal.SIGINT, signal.SIGTERM, signal.SIGKILL):
+    def stop(self, interrupt_s: float = 15.0, terminate_s: float = 3.0) -> None:
+        """Ctrl-C to dvc and its stage; SIGTERM after `interrupt_s`, SIGKILL `terminate_s` later.
+        Within Prefect's 30 s between its cancel's SIGTERM and its SIGKILL, with time to spare."""
+        for number, wait_s in (
+            (signal.SIGINT, interrupt_s),
+            (signal.SIGTERM, terminate_s),
+            (signal.SIGKILL, None),
+        ):
             if self.process.poll() is not None:
                 return
             try:
                 os.killpg(self.process.pid, number)
             except ProcessLookupError:
                 return
-            try:
-                self.process.wait(timeout=grace_s)
-            except subprocess.TimeoutExpired:
-                continue
-        self.process.wait()
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self.process.wait(timeout=wait_s)
 
 
 def remove_dead_experiment_copies(workspace: Path) -> list[Path]:
-    """Delete the temporary copies of `dvc exp run --temp` runs whose processes are all gone.
+    """Delete the temporary copies of `dvc exp run --temp` runs that died, when no experiment is
+    running in this workspace (a live one may still be filling its copy from the workspace).
 
     DVC lists such a run as Running while its copy exists (its record under
     `.dvc/tmp/exps/run/` says so); with the copy gone it stops listing it, as after Ctrl-C.
     """
+    if _experiment_running(workspace):
+        return []
     removed = []
     for record in sorted((workspace / EXPERIMENTS_TMP / "run").glob("*/*.run")):
         try:
@@ -121,18 +123,23 @@ def remove_dead_experiment_copies(workspace: Path) -> list[Path]:
             continue
         copy = Path(info.get("root_dir") or "")
         inside = copy.is_relative_to(workspace / EXPERIMENTS_TMP / "standalone")
-        if info.get("location") == "tempdir" and inside and copy.is_dir() and not _in_use(copy):
+        if info.get("location") == "tempdir" and inside and copy.is_dir():
             shutil.rmtree(copy, ignore_errors=True)
             removed.append(copy)
     return removed
 
 
-def _in_use(directory: Path) -> bool:
-    """Does any process have its working directory in `directory`? (Linux /proc.)"""
-    for cwd in Path("/proc").glob("[0-9]*/cwd"):
+def _experiment_running(workspace: Path) -> bool:
+    """Is a `dvc exp run` (or a stage it started) at work in this workspace or one of its copies?
+    (Linux /proc: the processes' command lines and working directories.)"""
+    for proc in Path("/proc").glob("[0-9]*"):
         try:
-            if Path(os.readlink(cwd)).is_relative_to(directory):
-                return True
+            command = (proc / "cmdline").read_bytes().split(b"\0")
+            cwd = Path(os.readlink(proc / "cwd"))
         except OSError:  # gone meanwhile, or not ours to read
             continue
+        dvc_exp = any(part.endswith(b"dvc") for part in command) and b"exp" in command
+        in_copy = cwd.is_relative_to(workspace / EXPERIMENTS_TMP)
+        if (dvc_exp and cwd.is_relative_to(workspace)) or in_copy:
+            return True
     return False

@@ -64,8 +64,9 @@ from pipeline.dvc_process import DvcProcess, remove_dead_experiment_copies
 LOCK_FILE = Path(".dvc") / "tmp" / "alexops-flow.lock"
 WORKSPACE_DATASET = "params.yaml"  # the `dataset` choice that means: the one params.yaml names
 DatasetChoice = Literal[WORKSPACE_DATASET, *params_module.DATASETS, "all"]  # type: ignore[valid-type]
-EXPERIMENT_ATTEMPTS = 3
 RETRY_DELAYS_S = (10, 30, 90)
+EXPERIMENT_ATTEMPTS = 1 + len(RETRY_DELAYS_S)
+RETRIED_IN_EXPERIMENTS = ("fetch", "prepare")
 PROGRESS_UPDATE_S = 5.0
 
 STAGE_STARTS = re.compile(r"^Running stage '(?P<stage>[\w-]+)':")
@@ -153,6 +154,7 @@ class StageLog:
         self.stage = stage
         self.logger = get_run_logger()
         self.error: list[str] = []
+        self.dvc_error = ""  # DVC's own complaint (a lock, a missing file), when it is not a stage's
         self.last_line = ""
         self.exit_code: int | None = None
         self.skipped: str | None = None
@@ -168,14 +170,18 @@ class StageLog:
             self.error.append(line.strip())  # a message of several lines: fetch lists each mirror
         elif (skipped := STAGE_SKIPPED.match(line)) is not None:
             self.skipped = "restored from DVC's cache" if "cached" in skipped["why"] else "up to date"
-        if not line.startswith("ERROR"):
+        if line.startswith("ERROR") and not failed and not self.dvc_error:
+            self.dvc_error = line.removeprefix("ERROR:").strip()
+        elif not line.startswith("ERROR"):
             self.last_line = line
         if self.training is not None:
             self.training.feed(line)
 
     def failure(self, returncode: int) -> StageFailed:
-        message = " ".join(self.error) or f"exited with {self.exit_code} ({self.last_line.strip()[:300]})"
-        return StageFailed(self.stage, message, self.exit_code if self.exit_code is not None else returncode)
+        code = self.exit_code if self.exit_code is not None else returncode
+        detail = self.dvc_error or self.last_line.strip()
+        message = " ".join(self.error) or f"exited with {code} ({detail[:300]})"
+        return StageFailed(self.stage, message, code)
 
 
 # DVC's `ERROR:`, a stage's `alexops <stage>: error:`, a library's log line (`<date> <time> ERROR`),
@@ -196,11 +202,18 @@ def stopped_on_exit(dvc: DvcProcess, workspace: Path) -> Iterator[DvcProcess]:
     try:
         yield dvc
     except BaseException:
-        with contextlib.suppress(Exception):  # logging may be gone with a crashing flow
-            get_run_logger().warning("stopping dvc (the flow run is ending): Ctrl-C to its stage first")
-        dvc.stop()
-        remove_dead_experiment_copies(workspace)
+        if dvc.returncode is None:
+            with contextlib.suppress(Exception):  # logging may be gone with a crashing flow
+                get_run_logger().warning("the flow run is ending: stopping dvc, Ctrl-C to its stage first")
+            dvc.stop()
+            remove_dead_experiment_copies(workspace)
         raise
+
+
+def stage_state(stage: str, log: StageLog):
+    """The task's final state: Completed('up to date') for a stage DVC skipped; the stage's name
+    (what ran) or None is what the flow gets back."""
+    return Completed(message=log.skipped, data=None) if log.skipped else Completed(data=stage)
 
 
 # ---- quick run: one task per stage ----------------------------------------------------------------
@@ -221,7 +234,7 @@ def run_stage(stage: str, workspace: str, dataset: str):
             log.feed(line)
     if dvc.returncode:
         raise log.failure(dvc.returncode)
-    return Completed(message=log.skipped) if log.skipped else None
+    return stage_state(stage, log)
 
 
 # ---- custom run: one experiment, its output split into one task per stage --------------------------
@@ -277,12 +290,12 @@ def experiment_stage(stage: str, output: ExperimentOutput, dataset: str):
         log.feed(line)
     if log.exit_code is not None or (output.ended and output.dvc.returncode):
         raise log.failure(output.dvc.returncode or 1)
-    return Completed(message=log.skipped) if log.skipped else None
+    return stage_state(stage, log)
 
 
-def run_experiment(name: str, overrides: dict[str, Any], root: Path, dataset: str) -> str:
+def run_experiment(name: str, overrides: dict[str, Any], root: Path, dataset: str) -> tuple[str, list[str]]:
     """`dvc exp run --temp` with the overrides, retried with back-off when its failure may pass.
-    Returns the experiment's name."""
+    Returns the experiment's name and the stages that ran (the others were up to date)."""
     flags = [flag for key, value in overrides.items() for flag in ("-S", f"{key}={json.dumps(value)}")]
     for attempt in range(1, EXPERIMENT_ATTEMPTS + 1):
         named = name if attempt == 1 else f"{name}-try{attempt}"
@@ -290,15 +303,18 @@ def run_experiment(name: str, overrides: dict[str, Any], root: Path, dataset: st
         try:
             with stopped_on_exit(dvc, root):
                 output = ExperimentOutput(dvc)
-                for stage in STAGES:
-                    experiment_stage(stage, output, dataset)
+                ran = [experiment_stage(stage, output, dataset) for stage in STAGES]
                 for line in output.rest():  # DVC's closing words
                     get_run_logger().info(line)
             if dvc.returncode:
                 raise StageFailed("experiment", f"dvc exp run exited with {dvc.returncode}", dvc.returncode)
-            return named
+            return named, [stage for stage in ran if stage]
         except StageFailed as failure:
-            if not failure.transient or attempt == EXPERIMENT_ATTEMPTS:
+            # a retry reruns the whole experiment: worth it only before anything was trained
+            if (
+                not (failure.transient and failure.stage in RETRIED_IN_EXPERIMENTS)
+                or attempt == EXPERIMENT_ATTEMPTS
+            ):
                 raise
             delay = RETRY_DELAYS_S[attempt - 1]
             get_run_logger().warning("%s; may pass by itself: trying again in %d s", failure, delay)
@@ -390,7 +406,7 @@ def run_name() -> str:
     return f"{dataset} · {describe_changes(changes)} · {str(flow_run.id or '')[:6]}"
 
 
-def experiment_name(dataset: str, overrides: dict[str, Any]) -> str:
+def dvc_experiment_name(dataset: str, overrides: dict[str, Any]) -> str:
     """A git-ref-safe, unique name that says what the experiment changed."""
     changes = {k: v for k, v in overrides.items() if k != "base.dataset"}
     label = re.sub(r"[^A-Za-z0-9_-]+", "-", f"{dataset} {describe_changes(changes)}").strip("-")
@@ -421,18 +437,16 @@ def pipeline(
         for name in datasets_to_run(dataset, root):
             run_overrides = changes | ({} if name == home else {"base.dataset": name})
             params = checked_params(root, run_overrides)
-            experiment, failure = None, None
+            experiment, failure, ran = None, None, []
             try:
                 if run_overrides:
-                    experiment = run_experiment(
-                        experiment_name(name, run_overrides), run_overrides, root, name
-                    )
+                    named = dvc_experiment_name(name, run_overrides)
+                    experiment, ran = run_experiment(named, run_overrides, root, name)
                 else:
-                    for stage in STAGES:
-                        run_stage(stage, str(root), name)
+                    ran = [stage for stage in STAGES if run_stage(stage, str(root), name)]
             except StageFailed as exc:
                 failure = exc
-            summaries.append(publish_summary(root, params, run_overrides, experiment, failure))
+            summaries.append(publish_summary(root, params, run_overrides, experiment, failure, ran))
             if failure is not None:
                 return Failed(message=str(failure), data=failure)
     return summaries
@@ -443,7 +457,7 @@ def pipeline(
 
 def publish_summary(
     root: Path, params: params_module.Params, overrides: dict[str, Any], experiment: str | None,
-    failure: StageFailed | None,
+    failure: StageFailed | None, ran: list[str],
 ) -> dict:  # fmt: skip
     """The run's record as Prefect artifacts: a markdown summary and the confusion matrix."""
     from alexops import register, tracking
@@ -453,8 +467,10 @@ def publish_summary(
     mlflow = tracking.connect(root)
     found = find_mlflow_run(mlflow, record, params)
     lines = [f"# {dataset}: {headline(register.model_name(params), record, failure)}", ""]
-    if found is not None and found.data.tags.get("prefect.flow_run_id") != str(flow_run.id):
-        lines += ["Every stage was up to date or restored by DVC: this is the model an earlier run made.", ""]
+    if failure is None and not ran:
+        lines += ["Every stage was up to date: this is the model an earlier run made.", ""]
+    elif failure is None and "train" not in ran:
+        lines += [f"This run did not train: {', '.join(ran)} ran for the model an earlier run trained.", ""]
     if found is not None:
         lines += [
             f"MLflow run: {run_link(root, found)}",
@@ -492,12 +508,23 @@ def find_mlflow_run(mlflow, record: dict | None, params: params_module.Params):
     """The run that made the registered model; else this flow run's (a failed pipeline)."""
     if record is not None:
         return mlflow.get_run(record["run_id"])
-    runs = mlflow.search_runs(
-        experiment_names=[f"{params.register.experiment}-{params.base.dataset}"],
+    runs = runs_of_this_flow_run(mlflow, params)
+    if not runs:
+        return None
+    model = next((run for run in runs if "mlflow.parentRunId" not in run.data.tags), None)
+    return model or mlflow.get_run(runs[0].data.tags["mlflow.parentRunId"])  # only nested runs: their model's
+
+
+def runs_of_this_flow_run(mlflow, params: params_module.Params) -> list:
+    """The MLflow runs this flow run recorded (its model's, and those nested under it), oldest first."""
+    from alexops import tracking
+
+    return mlflow.search_runs(
+        experiment_names=[tracking.experiment_name(params)],
         filter_string=f"tags.`prefect.flow_run_id` = '{flow_run.id}'",
+        order_by=["attributes.start_time ASC"],
         output_format="list",
     )
-    return runs[0] if runs else None
 
 
 def headline(model: str, record: dict | None, failure: StageFailed | None) -> str:

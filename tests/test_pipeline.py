@@ -49,9 +49,10 @@ def test_the_pipeline_end_to_end_and_what_users_do_with_it(workspace, ws_env, tm
     assert stages_run(second.stdout) == []
     assert "up to date" in second.stdout
 
+    check_a_retrained_identical_model_reports_but_is_not_registered_again(workspace, ws_env)
     check_push_then_pull_into_a_fresh_clone(workspace, ws_env, tmp_path / "clone")
     check_an_experiment_misses_the_gate(workspace, ws_env)
-    check_a_retrained_identical_model_reports_but_is_not_registered_again(workspace, ws_env)
+    check_a_lowered_gate_decides_the_same_weights_again(workspace, ws_env)
     check_a_second_dataset_leaves_the_first_alone(workspace, ws_env, tiny_cifar10_mirror)
 
 
@@ -122,26 +123,46 @@ def check_plots(workspace, ws_env, out) -> None:
 
 
 def check_a_retrained_identical_model_reports_but_is_not_registered_again(workspace, ws_env) -> None:
-    """Back to the committed params after an experiment: training again gives version 1's weights
-    (same params, same seed). Evaluate, export and quantize could come from DVC's run-cache, but
-    the new MLflow run still gets its test metrics and evaluation, and names version 1 instead
-    of registering a copy."""
+    """A forced retraining with the same params and seed gives version 1's weights: the new
+    MLflow run gets its test metrics and evaluation (the stages after train depend on the run
+    it opened, so none is restored from DVC's run-cache), and it names version 1 instead of
+    registering a copy."""
     dvc = f"{VENV_BIN}/dvc"
     first = registry(ws_env).get_model_version("alexnet-fashion-mnist", "1").run_id
-    again = run(
-        [dvc, "exp", "run", "-S", "train.epochs=2", "-S", "register.min_accuracy=0.0"], workspace, ws_env
-    )
-    assert stages_run(again.stdout) == ["train", "evaluate", "export", "quantize", "register"]
+    run([dvc, "repro", "--force", "--single-item", "train"], workspace, ws_env)
+    again = run([dvc, "repro"], workspace, ws_env)
+    assert stages_run(again.stdout) == ["evaluate", "export", "quantize", "register"]
     record = json.loads((workspace / "reports" / "fashion-mnist" / "register.json").read_text())
     assert record["run_id"] != first and record["registered"] is False
     assert (record["version"], record["alias"]) == ("1", "champion") and "identical weights" in record[
         "reason"
     ]
     client = registry(ws_env)
-    assert len(client.search_model_versions("name='alexnet-fashion-mnist'")) == 2  # v1 and the gate's v2
+    assert len(client.search_model_versions("name='alexnet-fashion-mnist'")) == 1
     logged = client.get_run(record["run_id"])
     assert "test_accuracy" in logged.data.metrics and logged.data.tags["registered_version"] == "1"
     assert "evaluate/confusion.csv" in {a.path for a in client.list_artifacts(record["run_id"], "evaluate")}
+
+
+def check_a_lowered_gate_decides_the_same_weights_again(workspace, ws_env) -> None:
+    """Version 2 failed register.min_accuracy 1.0; with the floor lowered, register reruns alone,
+    finds version 2's weights, and passes them through the gate again instead of keeping the old
+    verdict. It records into a run nested under version 2's, named after what changed."""
+    dvc = f"{VENV_BIN}/dvc"
+    again = run([dvc, "exp", "run", "-S", "register.min_accuracy=0.0"], workspace, ws_env)
+    assert stages_run(again.stdout) == ["register"]
+    client = registry(ws_env)
+    version = client.get_model_version("alexnet-fashion-mnist", "2")
+    assert version.tags["gate"] == "passed" and "min_accuracy" not in version.tags["decision"]
+    best = max(
+        client.search_model_versions("name='alexnet-fashion-mnist'"), key=lambda v: float(v.tags["accuracy"])
+    )
+    champion = client.get_model_version_by_alias("alexnet-fashion-mnist", "champion")
+    assert float(champion.tags["accuracy"]) == float(best.tags["accuracy"])
+    nested = client.search_runs([client.get_run(version.run_id).info.experiment_id],
+                                filter_string=f"tags.`mlflow.parentRunId` = '{version.run_id}'")  # fmt: skip
+    assert [r.info.run_name for r in nested] == ["register: register.min_accuracy=0.0"]
+    assert client.get_run(version.run_id).info.status == "FINISHED"  # version 2's own run is untouched
 
 
 def check_push_then_pull_into_a_fresh_clone(workspace, ws_env, clone) -> None:

@@ -88,7 +88,7 @@ def test_a_run_whose_process_was_killed_9_is_closed_by_the_next_stage(prepared):
     assert the_run(prepared).info.status == "FINISHED"
 
 
-def test_a_failing_stage_ends_the_run_failed_with_its_reason_and_keeps_what_finished(prepared):
+def test_a_failing_stage_ends_its_run_failed_with_its_reason_and_keeps_what_finished(prepared):
     set_train(prepared, epochs=1)
     for stage in ("train", "evaluate"):
         done = subprocess.run(stage_command(prepared, stage), capture_output=True, text=True)
@@ -100,13 +100,31 @@ def test_a_failing_stage_ends_the_run_failed_with_its_reason_and_keeps_what_fini
     assert failed.returncode == 2 and "Traceback" not in failed.stderr
     # the fix names the actual cause: the tolerance the user set
     assert "export.tolerance is 0, set below its default 0.0001" in failed.stderr
-    run = the_run(prepared)
-    assert run.info.status == "FAILED" and run.info.end_time is not None
-    assert run.data.tags["failure.stage"] == "export"
-    assert "export.tolerance" in run.data.tags["failure.reason"]
-    assert run.data.params["export.tolerance"] == "0.0001"  # params as train logged them
-    assert {"train_loss", "test_accuracy"} <= run.data.metrics.keys()  # finished stages' metrics stay
     assert not (prepared / "artifacts" / DATASET / "model.onnx").exists()
+
+    # export's params differ from those of the model's run: it failed in a run nested under it,
+    # and the model's run still describes the pipeline that made it
+    model = the_run(prepared)
+    assert model.info.status == "FINISHED" and model.data.params["export.tolerance"] == "0.0001"
+    client = client_for(os.environ["MLFLOW_TRACKING_URI"])
+    nested = client.search_runs(
+        [model.info.experiment_id], filter_string=f"tags.`mlflow.parentRunId` = '{model.info.run_id}'"
+    )
+    assert [(r.info.run_name, r.info.status) for r in nested] == [("export: export.tolerance=0.0", "FAILED")]
+    assert nested[0].info.end_time is not None and nested[0].data.params["export.tolerance"] == "0.0"
+    assert nested[0].data.tags["failure.stage"] == "export"
+    assert "export.tolerance" in nested[0].data.tags["failure.reason"]
+
+    # with the run's own params, the failure ends the model's run FAILED; what finished stays
+    raw["export"]["tolerance"] = 0.0001
+    (prepared / "params.yaml").write_text(yaml.safe_dump(raw))
+    (prepared / "artifacts" / DATASET / "model.pt").unlink()
+    failed = subprocess.run(stage_command(prepared, "export"), capture_output=True, text=True)
+    assert failed.returncode == 2 and "model.pt is missing" in failed.stderr
+    model = the_run(prepared)
+    assert model.info.status == "FAILED" and model.info.end_time is not None
+    assert model.data.tags["failure.stage"] == "export" and "model.pt" in model.data.tags["failure.reason"]
+    assert {"train_loss", "test_accuracy"} <= model.data.metrics.keys()
 
 
 def test_an_experiment_whose_artifacts_live_in_a_dvc_copy_is_refused_with_the_fix(prepared):

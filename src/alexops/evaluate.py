@@ -60,7 +60,7 @@ def metrics_from(probs: torch.Tensor, labels: torch.Tensor, classes: list[str]) 
 
 
 def run(params: Params, paths: Paths) -> None:
-    with tracking.continue_run(paths, "evaluate") as mlflow:
+    with tracking.continue_run(params, paths, "evaluate") as mlflow:
         report = evaluate(params, paths)
         mlflow.log_metrics({f"test_{k}": v for k, v in report.items() if isinstance(v, float)})
         mlflow.log_metrics(

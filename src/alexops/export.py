@@ -76,7 +76,7 @@ def parity(proto: onnx.ModelProto, model: torch.nn.Module, shape: tuple, seed: i
 
 
 def run(params: Params, paths: Paths) -> None:
-    with tracking.continue_run(paths, "export") as mlflow:
+    with tracking.continue_run(params, paths, "export") as mlflow:
         report = export(params, paths)
         mlflow.log_metrics({k: float(v) for k, v in report.items()})
     worst = max(v for k, v in report.items() if k.startswith("parity_max"))

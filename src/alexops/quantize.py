@@ -176,7 +176,7 @@ def check_drop(fp32: float, int8: float, max_drop: float) -> None:
 
 
 def run(params: Params, paths: Paths) -> None:
-    with tracking.continue_run(paths, "quantize") as mlflow:
+    with tracking.continue_run(params, paths, "quantize") as mlflow:
         report = quantize_stage(params, paths)
         numbers = {k: v for k, v in report.items() if isinstance(v, int | float) and not isinstance(v, bool)}
         mlflow.log_metrics({f"quantize_{k}": float(v) for k, v in numbers.items()})

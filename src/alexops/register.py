@@ -80,18 +80,11 @@ def run(params: Params, paths: Paths) -> None:
         raise AlexopsError(f"{paths.onnx} is missing. Fix: run `dvc repro export` first.")
     proto = onnx.load(str(paths.onnx))
     name = model_name(params)
-    with tracking.continue_run(paths, "register") as mlflow, tracking.registry_lock(paths.root, name):
+    with tracking.continue_run(params, paths, "register") as mlflow, tracking.registry_lock(paths.root, name):
         from mlflow import MlflowClient
 
-        client = MlflowClient()
         mlflow.set_tags(tracking.dvc_lock_tags(paths.root))
-        digest = weights_digest(proto)
-        same = identical_version(client, name, digest)
-        if same is None:
-            record = register_new(mlflow, client, params, paths, proto, digest, evaluation, export)
-        else:
-            record = name_existing(client, name, same, digest)
-        record |= {"run_id": mlflow.active_run().info.run_id, "min_accuracy": params.register.min_accuracy}
+        record = decide_version(mlflow, MlflowClient(), params, paths, proto, evaluation, export)
         mlflow.set_tags(
             {
                 "registered_model": name,
@@ -100,9 +93,69 @@ def run(params: Params, paths: Paths) -> None:
                 "decision": record["reason"],
             }
         )
+    record |= {"run_id": tracking.model_run_id(paths), "min_accuracy": params.register.min_accuracy}
     files.write_json(paths.reports / "register.json", record)
     alias = f"@{record['alias']}" if record["alias"] else "no alias"
     print(f"register: {name} version {record['version']} → {alias} ({record['reason']})")
+
+
+def decide_version(
+    mlflow, client, params: Params, paths: Paths, proto, evaluation: dict, export: dict
+) -> dict:
+    """Register the model, or find the version with its weights; pass it through the gate with
+    today's evaluation and params; settle @champion. The record register.json holds."""
+    name = model_name(params)
+    accuracy = float(evaluation["accuracy"])
+    digest = weights_digest(proto)
+    passed, reason = decide(accuracy, parity_passed(export), params.register.min_accuracy, None)
+    tags = {"accuracy": f"{accuracy:.6f}", DIGEST_TAG: digest, GATE_TAG: "passed" if passed else "failed"}
+    before = champion_of(client, name)
+    same = identical_version(client, name, digest)
+    if same is None:
+        version = register_version(mlflow, proto, name, tags)
+    else:  # the same weights: decided again, with what evaluate, export and register say now
+        version = str(same.version)
+        for key, value in tags.items():
+            client.set_model_version_tag(name, version, key, value)
+    champion = settle_champion(client, name)
+    alias = CHAMPION if champion is not None and str(champion.version) == version else CHALLENGER
+    if passed:
+        reason = promotion_reason(accuracy, params.register.min_accuracy, before, champion, alias)
+    if alias == CHALLENGER:
+        client.set_registered_model_alias(name, CHALLENGER, version)
+    client.set_model_version_tag(name, version, "decision", f"{alias}: {reason}")
+    int8_uri = attach_int8(mlflow, client, paths, name, version)
+    client.update_model_version(
+        name, version, description=describe(params, evaluation, export, alias, reason)
+    )
+    if same is not None:
+        reason = f"identical weights to version {version} ({DIGEST_TAG} {digest[:12]}…): {reason}"
+    return {
+        "model_name": name,
+        "version": version,
+        "alias": alias,
+        "registered": same is None,
+        "reason": reason,
+        "accuracy": accuracy,
+        "previous_champion": None if before is None else str(before.version),
+        "model_uri": f"models:/{name}/{version}",
+        "int8_uri": int8_uri,
+    }
+
+
+def register_version(mlflow, proto: onnx.ModelProto, name: str, tags: dict[str, str]) -> str:
+    """Log the ONNX model to the active run and register it as a new version, its gate's tags
+    written with the version (a version never exists without them)."""
+    info = mlflow.onnx.log_model(
+        proto,
+        name="model",
+        input_example=example_input(proto),
+        signature=signature(proto),
+        metadata={"accuracy": tags["accuracy"]},
+        # the flavor's own pins; inferring them imports the model in a subprocess: 6-13 s a register
+        pip_requirements=mlflow.onnx.get_default_pip_requirements(),
+    )
+    return str(mlflow.register_model(info.model_uri, name, tags=tags).version)
 
 
 def identical_version(client, name: str, digest: str):
@@ -113,66 +166,9 @@ def identical_version(client, name: str, digest: str):
     return min(found, key=lambda v: int(v.version)) if found else None
 
 
-def name_existing(client, name: str, version, digest: str) -> dict:
-    if passed_gate(version):  # completes a decision that a crashed register left half made
-        settle_champion(client, name)
-    aliases = client.get_registered_model(name).aliases
-    alias = next((a for a in (CHAMPION, CHALLENGER) if str(aliases.get(a)) == str(version.version)), None)
-    return {
-        "model_name": name,
-        "version": str(version.version),
-        "alias": alias,
-        "registered": False,
-        "reason": f"identical weights to version {version.version} ({DIGEST_TAG} {digest[:12]}…): "
-        "not registered again",
-        "accuracy": float(version.tags.get("accuracy", "nan")),
-        "previous_champion": None if CHAMPION not in aliases else str(aliases[CHAMPION]),
-        "model_uri": f"models:/{name}/{version.version}",
-        "int8_uri": version.tags.get("int8.uri"),
-    }
-
-
-def register_new(mlflow, client, params, paths, proto, digest, evaluation, export) -> dict:
-    name = model_name(params)
-    accuracy = float(evaluation["accuracy"])
-    before = champion_of(client, name)
-    passed, reason = decide(accuracy, parity_passed(export), params.register.min_accuracy, None)
-    info = mlflow.onnx.log_model(
-        proto,
-        name="model",
-        registered_model_name=name,
-        input_example=example_input(proto),
-        signature=signature(proto),
-        metadata={"accuracy": accuracy},
-    )
-    version = str(info.registered_model_version)
-    tags = {"accuracy": f"{accuracy:.6f}", DIGEST_TAG: digest, GATE_TAG: "passed" if passed else "failed"}
-    for key, value in tags.items():
-        client.set_model_version_tag(name, version, key, value)
-    champion = settle_champion(client, name) if passed else before
-    alias = CHAMPION if champion is not None and str(champion.version) == version else CHALLENGER
-    if passed:
-        reason = promotion_reason(accuracy, params.register.min_accuracy, before, champion, alias)
-    if alias == CHALLENGER:
-        client.set_registered_model_alias(name, CHALLENGER, version)
-    client.set_model_version_tag(name, version, "decision", f"{alias}: {reason}")
-    int8_uri = attach_int8(mlflow, client, paths, name, version)
-    description = describe(params, evaluation, export, alias, reason)
-    client.update_model_version(name, version, description=description)
-    return {
-        "model_name": name,
-        "version": version,
-        "alias": alias,
-        "registered": True,
-        "reason": reason,
-        "accuracy": accuracy,
-        "previous_champion": None if before is None else str(before.version),
-        "model_uri": f"models:/{name}/{version}",
-        "int8_uri": int8_uri,
-    }
-
-
 def promotion_reason(accuracy: float, min_accuracy: float, before, champion, alias: str) -> str:
+    if alias == CHAMPION and before is not None and str(before.version) == str(champion.version):
+        return f"parity ok; accuracy {accuracy:.4f} ≥ min {min_accuracy:.4f}; still the best that passed"
     if alias == CHALLENGER:  # passed the gate, but a better version holds @champion
         best = f"{accuracy_of(champion):.4f} (version {champion.version})"
         return f"accuracy {accuracy:.4f} < champion's {best}"
@@ -231,13 +227,19 @@ def settle_champion(client, name: str):
 
 
 def attach_int8(mlflow, client, paths: Paths, name: str, version: str) -> str | None:
-    """The quantize stage's int8 model, as an artifact of the run and tags on the version."""
+    """The quantize stage's int8 model, as an artifact of the run and tags on the version (unless
+    the version already carries this very file)."""
     if not paths.int8_onnx.exists():
         return None
+    digest = files.sha256_file(paths.int8_onnx)
+    current = client.get_model_version(name, version).tags
+    if current.get("int8.sha256") == digest:
+        return current.get("int8.uri")
     report = files.read_json(paths.reports / "quantize.json", produced_by="quantize")
     mlflow.log_artifact(str(paths.int8_onnx), artifact_path="int8")
     uri = f"runs:/{mlflow.active_run().info.run_id}/int8/{paths.int8_onnx.name}"
-    tags = {"int8.uri": uri} | {f"int8.{k}": str(v) for k, v in report.items() if not isinstance(v, dict)}
+    tags = {"int8.uri": uri, "int8.sha256": digest}
+    tags |= {f"int8.{k}": str(v) for k, v in report.items() if not isinstance(v, dict)}
     for key, value in tags.items():
         client.set_model_version_tag(name, version, key, value)
     return uri

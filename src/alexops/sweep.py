@@ -15,8 +15,9 @@ for the points and prints a table of them; it exits non-zero when a point failed
 from __future__ import annotations
 
 import argparse
-import json
+import contextlib
 import re
+import shutil
 import subprocess
 import sys
 import time
@@ -28,6 +29,7 @@ from alexops.errors import AlexopsError
 
 FINAL_STATES = ("success", "failed")
 POLL_S = 5.0
+LOST_AFTER_IDLE_POLLS = 6  # 30 s with no queue worker alive while points still wait
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -55,7 +57,7 @@ def run(args: argparse.Namespace) -> int:
     mlflow = tracking.connect(root)
     tracking.use_experiment(mlflow, params, root)
     parent = mlflow.start_run(run_name=name, tags={"sweep": name, "sweep.grid": " ".join(args.grid)})
-    status = "FAILED"
+    status, points = "FAILED", []
     try:
         points = queue(root, name, args.grid, parent.info.run_id)
         print(f"sweep {name}: {len(points)} experiments queued; running {args.jobs} at a time")
@@ -64,9 +66,11 @@ def run(args: argparse.Namespace) -> int:
         status = report(mlflow, name, states)
     except KeyboardInterrupt:
         status = "KILLED"
+        stop_points(root, points)
         raise
     finally:
         mlflow.end_run(status)
+        forget(root, points)
     return 0 if status == "FINISHED" else 1
 
 
@@ -105,28 +109,56 @@ def queue(root: Path, name: str, grid: list[str], parent_run_id: str) -> list[st
 
 
 def wait(root: Path, points: list[str]) -> dict[str, str]:
-    """Each point's final state ("success" or "failed"), once all have one."""
+    """Each point's final state ("success" or "failed"), once all have one. Points left waiting
+    with no queue worker alive (workers killed, the machine restarted) end as "lost"."""
     reported: dict[str, str] = {}
-    while True:
-        states = experiment_states(root, points)
-        for point, state in states.items():
-            if state in FINAL_STATES and point not in reported:
+    idle_polls = 0
+    while len(reported) < len(points):
+        states, workers = queue_status(root)
+        idle_polls = idle_polls + 1 if workers == 0 else 0
+        for point in points:
+            state = states.get(point, "lost")
+            if state in ("queued", "running") and idle_polls >= LOST_AFTER_IDLE_POLLS:
+                state = "lost"
+            if state in (*FINAL_STATES, "lost") and point not in reported:
                 reported[point] = state
                 print(f"  {point}: {state}", flush=True)
-        if len(reported) == len(points):
-            return reported
-        time.sleep(POLL_S)
+        if len(reported) < len(points):
+            time.sleep(POLL_S)
+    if "lost" in reported.values():
+        print(
+            "some points were lost with their queue workers: `dvc queue start -j N` runs what is still queued"
+        )
+    return reported
 
 
-def experiment_states(root: Path, names: list[str]) -> dict[str, str]:
-    """name → DVC's executor state (queued, running, success, failed) for the named experiments."""
-    shown = json.loads(dvc(root, "exp", "show", "--json"))
+def queue_status(root: Path) -> tuple[dict[str, str], int]:
+    """(experiment name → its state in DVC's queue, lower case; the number of live workers), from
+    `dvc queue status`, which lists the queue's tasks whatever commit is checked out."""
+    text = dvc(root, "queue", "status")
     states = {}
-    for baseline in shown:
-        for experiment in baseline.get("experiments") or []:
-            if experiment.get("name") in names:
-                states[experiment["name"]] = (experiment.get("executor") or {}).get("state") or "success"
-    return states
+    for line in text.splitlines()[1:]:
+        task = re.match(r"^[0-9a-f]{7,}\s+(\S+)\s+.*\s(\w+)$", line.strip())
+        if task is not None:
+            states[task[1]] = task[2].lower()
+    workers = re.search(r"Worker status: (\d+) active, (\d+) idle", text)
+    return states, (int(workers[1]) + int(workers[2])) if workers else 0
+
+
+def stop_points(root: Path, points: list[str]) -> None:
+    """Stop the sweep's running points and drop its queued ones (the queue's workers run on
+    their own, and would go on running them)."""
+    for command in (("queue", "kill"), ("queue", "remove")):
+        with contextlib.suppress(AlexopsError):  # a point can be done already, or never started
+            dvc(root, *command, *points)
+    print(f"sweep: stopped {len(points)} experiments (`dvc queue status` shows them)", file=sys.stderr)
+
+
+def forget(root: Path, points: list[str]) -> None:
+    from alexops import tracking
+
+    for point in points:
+        (root / tracking.SWEEPS_DIR / f"{point}.yaml").unlink(missing_ok=True)
 
 
 def report(mlflow, name: str, states: dict[str, str]) -> str:
@@ -152,10 +184,14 @@ def report(mlflow, name: str, states: dict[str, str]) -> str:
     return "FINISHED" if all(state == "success" for state in states.values()) else "FAILED"
 
 
+def dvc_executable() -> str:
+    """The dvc beside this interpreter (the project's venv), else the one on PATH."""
+    beside = Path(sys.executable).with_name("dvc")
+    return str(beside) if beside.exists() else (shutil.which("dvc") or "dvc")
+
+
 def dvc(root: Path, *args: str) -> str:
-    executable = Path(sys.executable).with_name("dvc")
-    command = [str(executable) if executable.exists() else "dvc", *args]
-    done = subprocess.run(command, cwd=root, capture_output=True, text=True)
+    done = subprocess.run([dvc_executable(), *args], cwd=root, capture_output=True, text=True)
     if done.returncode != 0:
         raise AlexopsError(f"`dvc {' '.join(args)}` failed: {done.stderr.strip()[-800:]}")
     return done.stdout

@@ -22,8 +22,11 @@ import hashlib
 import logging
 import os
 import re
+import signal
 import socket
 import subprocess
+import tempfile
+import threading
 import time
 import warnings
 from collections.abc import Iterator
@@ -49,20 +52,35 @@ LOCKS_DIR = Path(".dvc") / "tmp" / "alexops-locks"
 
 
 def workspace(root: Path) -> Path:
-    """The DVC workspace whose store a stage records into: DVC_ROOT under DVC, else `root`."""
-    return Path(os.environ.get(DVC_ROOT_ENV) or root).resolve()
+    """The DVC workspace whose store a stage records into: DVC_ROOT when DVC runs the stage in
+    that workspace or in a copy under its `.dvc/tmp/exps/`, else `root`. (A DVC_ROOT left in the
+    environment by something else does not send a run to another workspace's store.)"""
+    here = Path(root).resolve()
+    named = os.environ.get(DVC_ROOT_ENV)
+    if named:
+        dvc_root = Path(named).resolve()
+        if here == dvc_root or here.is_relative_to(dvc_root / ".dvc" / "tmp" / "exps"):
+            return dvc_root
+    return here
 
 
 def tracking_uri(root: Path) -> str:
     """`MLFLOW_TRACKING_URI` when set, else the SQLite store in the workspace. A relative local
-    store (`sqlite:///mlflow.db`, `./mlruns`) is the workspace's, not the working directory's,
-    which in an experiment is a temporary copy."""
+    store (`sqlite:///mlflow.db`, `file:./mlruns`, `./mlruns`) is the workspace's, not the working
+    directory's, which in an experiment is a temporary copy."""
     uri = os.environ.get("MLFLOW_TRACKING_URI") or "sqlite:///mlflow.db"
     if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
         return f"sqlite:///{workspace(root) / uri.removeprefix('sqlite:///')}"
+    if uri.startswith("file:") and not uri.startswith("file:/"):
+        return (workspace(root) / uri.removeprefix("file:")).as_uri()
     if "://" not in uri and not uri.startswith("file:") and not Path(uri).is_absolute():
         return str(workspace(root) / uri)
     return uri
+
+
+def _local_store(uri: str) -> bool:
+    """A store on this machine's file system (SQLite or a directory), not a server or a database."""
+    return uri.startswith(("sqlite:", "file:")) or "://" not in uri
 
 
 def artifact_root(uri: str, root: Path) -> str | None:
@@ -77,7 +95,7 @@ def artifact_root(uri: str, root: Path) -> str | None:
 
 
 def _sqlite_file(uri: str) -> Path:
-    return Path(uri.split(":///", 1)[1]).resolve()
+    return Path(uri.split(":///", 1)[1].split("?", 1)[0]).resolve()
 
 
 def connect(root: Path):
@@ -110,8 +128,20 @@ def _reachable(mlflow, root: Path) -> None:
             f"cannot reach the MLflow tracking store {tracking_uri(root)} ({exc.__class__.__name__}: "
             f"{one_line(exc)}). Fix: start the server (`make mlflow-server`) or "
             "point MLFLOW_TRACKING_URI at a running one; unset it to use ./mlflow.db.",
-            transient=True,
+            transient=may_pass(exc),
         ) from exc
+
+
+def may_pass(exc: BaseException) -> bool:
+    """Whether a store's failure may pass by itself (no connection, a timeout, a 5xx, a locked
+    database), rather than fail the same way again (a mistyped URI, a file that cannot be opened)."""
+    names = {kind.__name__ for kind in type(exc).__mro__}
+    if names & {"ConnectionError", "Timeout", "MaxRetryError", "RemoteDisconnected", "TimeoutError"}:
+        return True
+    status = getattr(exc, "get_http_status_code", lambda: None)()
+    if isinstance(status, int) and status >= 500 and status != 501:
+        return True
+    return "database is locked" in str(exc) or (exc.__cause__ is not None and may_pass(exc.__cause__))
 
 
 def experiment_name(params: Params) -> str:
@@ -126,11 +156,18 @@ def use_experiment(mlflow, params: Params, root: Path) -> str:
     found = mlflow.get_experiment_by_name(name)
     if found is None:
         try:
-            experiment_id = mlflow.create_experiment(name, artifact_location=_new_location(root, name))
-        except MlflowException:  # a parallel stage created it first
-            experiment_id = mlflow.get_experiment_by_name(name).experiment_id
-        found = mlflow.get_experiment(experiment_id)
-    check_artifact_location(mlflow, found)
+            found = mlflow.get_experiment(
+                mlflow.create_experiment(name, artifact_location=_new_location(root, name))
+            )
+        except MlflowException as exc:
+            found = mlflow.get_experiment_by_name(name)  # a parallel stage created it first
+            if found is None:
+                raise AlexopsError(
+                    f"cannot create the MLflow experiment {name!r} in {tracking_uri(root)}: "
+                    f"{one_line(exc)}. Fix: check that the store is writable."
+                ) from exc
+    if _local_store(tracking_uri(root)):
+        check_artifact_location(mlflow, found)
     mlflow.set_experiment(experiment_id=found.experiment_id)
     return found.experiment_id
 
@@ -151,11 +188,16 @@ def check_artifact_location(mlflow, experiment) -> None:
         not inside_copy and not location.exists() and _has_finished_run(mlflow, experiment.experiment_id)
     )
     if inside_copy or vanished:
-        why = "inside a temporary DVC experiment copy, which DVC deletes" if inside_copy else "gone"
+        why = (
+            "inside a temporary DVC experiment copy, which DVC deletes (an older alexops created it inside "
+            "`dvc exp run --temp/--queue`)"
+            if inside_copy
+            else "gone (moved or deleted, with the workspace or by hand)"
+        )
         raise AlexopsError(
             f"MLflow experiment {experiment.name!r} (id {experiment.experiment_id}) keeps its artifacts in "
-            f"{location}, which is {why}: models and plots logged there are lost. It was created by an "
-            "older alexops inside `dvc exp run --temp/--queue`. Fix: rename it out of the way, keeping its "
+            f"{location}, which is {why}: models and plots logged there are lost. "
+            "Fix: rename it out of the way, keeping its "
             f"runs readable: `mlflow experiments rename --experiment-id {experiment.experiment_id} "
             f"--new-name '{experiment.name}-lost-artifacts'` (with MLFLOW_TRACKING_URI set to this store), "
             "then rerun; the new experiment keeps its artifacts beside the store."
@@ -181,39 +223,85 @@ def new_run(params: Params, paths: Paths, run_id: str | None = None) -> Iterator
         print(f"train: MLflow run {run_id} of the checkpoint is not in this store; opening a new run")
         run_id = None
     name = f"{params.base.dataset}-{params.train.image_size}px-w{params.train.width:g}-e{params.train.epochs}"
-    run = mlflow.start_run(run_id=run_id, run_name=None if run_id else name)
-    with ending_run(mlflow, "train"):
+    with recorded_run(mlflow, "train", run_id=run_id, run_name=None if run_id else name) as run:
         if run_id is None:
             mlflow.log_params(params.as_flat_dict())
             record_lineage(mlflow, paths)
             log_dataset(mlflow, paths)
-        record = {"run_id": run.info.run_id, "tracking_uri": tracking_uri(paths.root)}
+        record = {"run_id": run.info.run_id, "tracking_uri": redacted(tracking_uri(paths.root))}
         files.write_json(paths.mlflow_run, record)
         yield mlflow
 
 
+def model_run_id(paths: Paths) -> str:
+    """The run train opened for the model in `artifacts/<dataset>/`."""
+    return files.read_json(paths.mlflow_run, produced_by="train")["run_id"]
+
+
 @contextlib.contextmanager
-def continue_run(paths: Paths, stage: str) -> Iterator[Any]:
-    """Reopen the run train started, so that all stages report into one run."""
-    run_id = files.read_json(paths.mlflow_run, produced_by="train")["run_id"]
+def continue_run(params: Params, paths: Paths, stage: str) -> Iterator[Any]:
+    """Report a later stage into the run of the model it works on, the one train opened.
+
+    When this stage's params differ from those that run logged (an experiment that changes only
+    `export.*`, say), the stage reports into a run nested under it instead, named after what
+    changed: the model's run goes on describing the pipeline that made it."""
+    run_id = model_run_id(paths)
     mlflow = connect(paths.root)
     if not _run_exists(mlflow, run_id):
         raise AlexopsError(
             f"MLflow run {run_id} (from {paths.mlflow_run}) is not in {tracking_uri(paths.root)}. "
             "Fix: point MLFLOW_TRACKING_URI at the store train used, or retrain: `dvc repro -f train`."
         )
-    mlflow.start_run(run_id=run_id)
-    with ending_run(mlflow, stage):
+    model_run = mlflow.get_run(run_id)
+    close_dead_runs(mlflow, model_run.info.experiment_id)
+    changed = changed_params(params, model_run.data.params, stage)
+    if not changed:
+        with recorded_run(mlflow, stage, run_id=run_id):
+            yield mlflow
+        return
+    name = f"{stage}: " + ", ".join(f"{key}={value}" for key, value in changed.items())
+    experiment_id, nested = model_run.info.experiment_id, {"mlflow.parentRunId": run_id}
+    with recorded_run(mlflow, stage, experiment_id=experiment_id, run_name=name[:250], tags=nested):
+        mlflow.log_params({k: v for k, v in params.as_flat_dict().items() if k.startswith(f"{stage}.")})
+        mlflow.set_tags(lineage_tags(paths.root))
         yield mlflow
 
 
+def changed_params(params: Params, logged: dict[str, str], stage: str) -> dict[str, Any]:
+    """The stage's own params (`<stage>.*`) whose values differ from those a run logged."""
+    return {
+        key: value
+        for key, value in params.as_flat_dict().items()
+        if key.startswith(f"{stage}.") and key in logged and str(value) != logged[key]
+    }
+
+
+def redacted(uri: str) -> str:
+    """The URI without a user name or password: what may be written to a file DVC pushes."""
+    parsed = urlparse(uri)
+    if not (parsed.username or parsed.password):
+        return uri
+    return parsed._replace(netloc=parsed.netloc.rsplit("@", 1)[1]).geturl()
+
+
 @contextlib.contextmanager
-def ending_run(mlflow, stage: str) -> Iterator[None]:
-    """End the active run as the stage ends: FINISHED, FAILED with the reason, or KILLED."""
-    _mark_owner(mlflow, stage)
+def recorded_run(mlflow, stage: str, *, tags: dict[str, str] | None = None, **start: Any) -> Iterator[Any]:
+    """Start (or resume) a run and end it as the stage ends: FINISHED, FAILED with the reason,
+    or KILLED (SIGINT, and SIGTERM/SIGHUP as alexops.cli raises them).
+
+    The run is started with its owner's tags while the graceful signals are held back, so no
+    run exists without them: a signal that came meanwhile is raised once the run is guarded,
+    and a run whose process died anyway can be told from a live one (close_dead_runs)."""
+    held = _hold_signals()
     try:
-        yield
-    except KeyboardInterrupt as exc:  # SIGINT, and SIGTERM/SIGHUP as alexops.cli raises them
+        run = mlflow.start_run(tags=owner_tags(stage) | (tags or {}), **start)
+    except BaseException:
+        _release_signals(held)
+        raise
+    try:
+        _release_signals(held)
+        yield run
+    except KeyboardInterrupt as exc:
         _end(mlflow, "KILLED", stage, f"stopped by {exc or 'SIGINT'}")
         raise
     except BaseException as exc:
@@ -222,34 +310,63 @@ def ending_run(mlflow, stage: str) -> Iterator[None]:
     _end(mlflow, "FINISHED", stage, None)
 
 
-def _mark_owner(mlflow, stage: str) -> None:
-    """Who holds the run now: a later stage can tell a dead holder's run from a live one."""
-    tags = {"alexops.host": socket.gethostname(), "alexops.pid": str(os.getpid()), "alexops.stage": stage}
-    mlflow.set_tags(tags)
-    run_id = mlflow.active_run().info.run_id
-    for key in ("failure.stage", "failure.reason"):  # a rerun of a failed stage clears them
-        with contextlib.suppress(Exception):
-            mlflow.MlflowClient().delete_tag(run_id, key)
+def _hold_signals():
+    if threading.current_thread() is not threading.main_thread():
+        return None
+    return signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM, signal.SIGHUP})
+
+
+def _release_signals(held) -> None:
+    if held is not None:
+        signal.pthread_sigmask(signal.SIG_SETMASK, held)
+
+
+def owner_tags(stage: str) -> dict[str, str]:
+    """Which process holds the run: a later stage can tell a dead holder's run from a live one."""
+    return {
+        "alexops.host": socket.gethostname(),
+        "alexops.owner": machine_identity(),
+        "alexops.pid": str(os.getpid()),
+        "alexops.stage": stage,
+    }
+
+
+def machine_identity() -> str:
+    """Host name, boot and pid namespace: the scope within which a pid names one process
+    (containers can share a host name but not their pids; a reboot reuses pids)."""
+    parts = [socket.gethostname()]
+    for read in (lambda: Path("/proc/sys/kernel/random/boot_id").read_text().strip(),
+                 lambda: os.readlink("/proc/self/ns/pid")):  # fmt: skip
+        try:
+            parts.append(read())
+        except OSError:
+            parts.append("-")
+    return "|".join(parts)
 
 
 def _end(mlflow, status: str, stage: str, reason: str | None) -> None:
     try:
         if reason is not None:
             mlflow.set_tags({"failure.stage": stage, "failure.reason": reason[:5000]})
+        else:  # a stage that finished clears what an earlier, failed attempt left
+            for key in ("failure.stage", "failure.reason"):
+                with contextlib.suppress(Exception):
+                    mlflow.MlflowClient().delete_tag(mlflow.active_run().info.run_id, key)
         mlflow.end_run(status)
     except Exception as exc:  # the store went away too: say so, keep the stage's own error
         print(f"alexops {stage}: could not mark the MLflow run {status} ({one_line(exc)})")
 
 
 def close_dead_runs(mlflow, experiment_id: str) -> list[str]:
-    """Mark KILLED the runs of this host left RUNNING by a process that no longer exists."""
+    """Mark KILLED the runs of this machine left RUNNING by a process that no longer exists."""
     client = mlflow.MlflowClient()
     closed = []
+    here = machine_identity()
     for run in mlflow.search_runs(
         [experiment_id], filter_string="attributes.status = 'RUNNING'", output_format="list"
     ):
         tags = run.data.tags
-        if tags.get("alexops.host") != socket.gethostname() or _alive(tags.get("alexops.pid", "")):
+        if tags.get("alexops.owner") != here or _alive(tags.get("alexops.pid", "")):
             continue
         client.set_tag(run.info.run_id, "failure.stage", tags.get("alexops.stage", "unknown"))
         reason = f"process {tags.get('alexops.pid')} ended without closing the run (killed -9, or crashed)"
@@ -414,4 +531,13 @@ def file_lock(path: Path, wait_s: float = 600.0) -> Iterator[None]:
 def registry_lock(root: Path, model_name: str):
     """Serialises the registry decision of parallel stages of one workspace (`dvc queue start
     -j N`, parallel flow runs); across machines, the decision re-checks itself (register)."""
-    return file_lock(workspace(root) / LOCKS_DIR / f"register-{model_name}.lock")
+    return file_lock(locks_dir(root) / f"register-{model_name}.lock")
+
+
+def locks_dir(root: Path) -> Path:
+    """`.dvc/tmp/alexops-locks` in a DVC workspace; elsewhere (a plain directory, as in a test) a
+    directory of the system's temporary files named after the workspace."""
+    home = workspace(root)
+    if (home / ".dvc").is_dir():
+        return home / LOCKS_DIR
+    return Path(tempfile.gettempdir()) / "alexops-locks" / hashlib.sha256(str(home).encode()).hexdigest()[:16]

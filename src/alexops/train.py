@@ -1,7 +1,7 @@
 """Stage `train`: AlexNet with SGD on the uint8 cache, augmented per batch on the device.
 
-A checkpoint is written after every epoch; a rerun with the same params and data resumes
-from it (the crash case) instead of starting over. The whole dataset lives on the
+A checkpoint is written after every epoch and deleted when training finishes; a rerun with the
+same params and data resumes from it (the crash case) instead of starting over. The whole dataset lives on the
 training device as uint8 (47 MB for Fashion-MNIST), so there is no DataLoader.
 """
 
@@ -206,6 +206,7 @@ def train_on(params: Params, paths: Paths, device: torch.device, world: distribu
             if world.size > 1:
                 print(f"train: weights identical on all {world.size} ranks")
             write_outputs(paths, session, stats, progress)
+            paths.checkpoint.unlink(missing_ok=True)  # finished: a forced rerun trains afresh
             mlflow.log_metrics({"parameters": count_parameters(session.model)})
             for name in ("train.json", "train_history.csv", "curves.png"):
                 mlflow.log_artifact(str(paths.reports / name), artifact_path="train")

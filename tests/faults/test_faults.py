@@ -221,7 +221,7 @@ def alexops(root: Path, stage: str, uri: str) -> subprocess.CompletedProcess:
 
 def test_tracking_server_down_at_start_stops_train_before_any_work(prepared):
     done = alexops(prepared, "train", f"http://127.0.0.1:{free_port()}")
-    assert done.returncode == 2
+    assert done.returncode == 75  # EX_TEMPFAIL: a server that does not answer may come back
     assert "cannot reach the MLflow tracking store" in done.stderr and "Traceback" not in done.stderr
     assert not (prepared / "artifacts" / DATASET / "checkpoint.pt").exists()
 
@@ -236,7 +236,7 @@ def test_tracking_server_lost_before_register_loses_nothing_and_register_reruns_
     finally:
         stop(server)
     lost = alexops(prepared, "register", uri)
-    assert lost.returncode == 2 and "cannot reach the MLflow tracking store" in lost.stderr
+    assert lost.returncode == 75 and "cannot reach the MLflow tracking store" in lost.stderr
     assert (prepared / "artifacts" / DATASET / "model.onnx").exists()
     assert (prepared / "reports" / DATASET / "evaluate.json").exists()
 
