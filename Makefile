@@ -68,12 +68,12 @@ test: install stack-install
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m pytest
 
 lint: install
-	$(BIN)/ruff check src tests pipeline benchmarks
-	$(BIN)/ruff format --check src tests pipeline benchmarks
+	$(BIN)/ruff check src tests pipeline benchmarks stack
+	$(BIN)/ruff format --check src tests pipeline benchmarks stack
 
 format: install
-	$(BIN)/ruff format src tests pipeline benchmarks
-	$(BIN)/ruff check --fix src tests pipeline benchmarks
+	$(BIN)/ruff format src tests pipeline benchmarks stack
+	$(BIN)/ruff check --fix src tests pipeline benchmarks stack
 
 # Side-by-side measurements; results in benchmarks/results/*.json (see README, Benchmarks).
 bench: install mirror

@@ -72,7 +72,7 @@ def venv_bin(name: str) -> str:
         return str(beside)
     found = shutil.which(name)
     if found is None:
-        raise StackError(f"`{name}` is not installed. Fix: `make install` (it installs the stack's packages).")
+        raise StackError(f"`{name}` is not installed. Fix: `make install` (it installs the stack's tools).")
     return found
 
 
@@ -296,10 +296,9 @@ class Stack:
             [pg_program(name), *args], capture_output=True, text=True, cwd="/", **user
         )  # fmt: skip
         if check and done.returncode != 0:
-            raise StackError(
-                f"PostgreSQL `{name}` failed ({done.returncode}): {(done.stderr or done.stdout).strip()[-800:]}"
-                f"\nLog: {self._pg_dir / 'postgres.log'}"
-            )
+            output = (done.stderr or done.stdout).strip()[-800:]
+            log = self._pg_dir / "postgres.log"
+            raise StackError(f"PostgreSQL `{name}` failed ({done.returncode}): {output}\nLog: {log}")
         return done
 
     def _postgres_running(self) -> bool:
@@ -414,7 +413,8 @@ class Stack:
             "-volume.preStopSeconds=0",
         ]  # fmt: skip
         self._spawn("s3", command, dict(os.environ))
-        wait_until(self._s3_answers, "the S3 endpoint (SeaweedFS)", self.state / "s3.log", self._pid_alive("s3"))
+        log = self.state / "s3.log"
+        wait_until(self._s3_answers, "the S3 endpoint (SeaweedFS)", log, self._pid_alive("s3"))
         self._create_buckets()
 
     def _socket(self, name: str) -> str:
@@ -546,7 +546,9 @@ def wait_until(
         if alive is not None and not alive():
             raise StackError(f"{what} exited while starting. Its log, {log}, ends:\n{tail(log)}")
         time.sleep(0.3)
-    raise StackError(f"{what} did not answer within {START_TIMEOUT_S:.0f} s. Its log, {log}, ends:\n{tail(log)}")
+    raise StackError(
+        f"{what} did not answer within {START_TIMEOUT_S:.0f} s. Its log, {log}, ends:\n{tail(log)}"
+    )
 
 
 def tail(path: Path, lines: int = 15) -> str:
