@@ -31,6 +31,7 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 HOST = "127.0.0.1"
@@ -58,6 +59,11 @@ DATABASES = ("mlflow", "prefect")
 DB_USER = "alexops"
 REGION = "us-east-1"  # SeaweedFS ignores it; boto3 and s3fs want one
 SERVICES = ("postgres", "s3", "mlflow", "prefect")  # start order; stop is the reverse
+# Seconds from SIGTERM to SIGKILL. SeaweedFS's filer waits 15 s for its own gRPC streams before it
+# gives up; killing it loses nothing acknowledged (its leveldb log and append-only volume files
+# are in the kernel's page cache before a request returns, and a killed process leaves those be),
+# so it gets 5 s.
+STOP_GRACE_S = {"s3": 5.0, "mlflow": 15.0, "prefect": 15.0}
 START_TIMEOUT_S = 240.0  # first starts migrate empty databases: ~30 s each on 2 busy cores
 
 
@@ -187,6 +193,10 @@ class Stack:
         """The environment a user exports to run the pipeline against this stack."""
         return {
             "MLFLOW_TRACKING_URI": self.url("mlflow"),
+            # ride out a server restart of up to a minute (retries after 0, 2, 4, ... 32 s) rather
+            # than fail the stage: alexops' own default gives up after a few seconds
+            "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "6",
+            "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
             "PREFECT_API_URL": f"{self.url('prefect')}/api",
             **self.s3_env(),
             "ALEXOPS_DVC_REMOTE": f"s3://{DVC_BUCKET}",
@@ -226,14 +236,22 @@ class Stack:
     def up(self, log: Callable[[str], None] = print) -> None:
         """Start every service that is not running (idempotent) and write `<state>/env`."""
         self._ensure_config()
-        for service in SERVICES:
-            if self.healthy(service):
-                log(f"stack: {service} already running on {HOST}:{self.ports[service]}")
-                continue
-            started = time.monotonic()
-            self.start(service)
-            log(f"stack: {service} up on {HOST}:{self.ports[service]} ({time.monotonic() - started:.1f} s)")
+        # PostgreSQL first; then the rest side by side: each server spends its start importing
+        # and migrating its database, so together they take about as long as the slowest
+        waves = (SERVICES[:1], SERVICES[1:])
+        for wave in waves:
+            with ThreadPoolExecutor(len(wave)) as pool:
+                for message in pool.map(self._bring_up, wave):
+                    log(message)
         write_private(self.state / "env", self.env_file_text())
+
+    def _bring_up(self, service: str) -> str:
+        where = f"{HOST}:{self.ports[service]}"
+        if self.healthy(service):
+            return f"stack: {service} already running on {where}"
+        started = time.monotonic()
+        self.start(service)
+        return f"stack: {service} up on {where} ({time.monotonic() - started:.1f} s)"
 
     def down(self, log: Callable[[str], None] = print) -> None:
         """Stop every service (idempotent); the state stays for the next `up`."""
@@ -408,9 +426,10 @@ class Stack:
             "-s3", f"-s3.port={p['s3']}", f"-s3.port.grpc={p['weed_s3_grpc']}",
             f"-s3.localSocket={self._socket('s3')}", "-s3.port.iceberg=0", "-s3.port.lance=0",
             f"-s3.config={self.state / 's3-identities.json'}",
-            # small volumes, as many as the disk holds; no phoning home; stop at once
+            # small volumes, as many as the disk holds; no phoning home; a lone master elects
+            # itself in a second (the default waits 10 s), volumes stop at once
             "-master.volumeSizeLimitMB=256", "-volume.max=0", "-master.telemetry=false",
-            "-volume.preStopSeconds=0",
+            "-master.electionTimeout=1s", "-volume.preStopSeconds=0",
         ]  # fmt: skip
         self._spawn("s3", command, dict(os.environ))
         log = self.state / "s3.log"
@@ -423,11 +442,20 @@ class Stack:
         return str(path) if len(str(path)) < 100 else f"/tmp/alexops-{name}-{self.ports['s3']}.sock"
 
     def _s3_answers(self) -> bool:
+        """The gateway answers, and the volume server has reported to the master: before that
+        (up to 5 s after a restart) reads and writes of objects fail."""
         try:
             self.s3_client().list_buckets()
         except Exception:  # botocore's connection and server errors
             return False
-        return True
+        try:
+            status = f"http://{HOST}:{self.ports['weed_master']}/dir/status"
+            with urllib.request.urlopen(status, timeout=2) as response:
+                topology = json.load(response)["Topology"]
+        except (OSError, ValueError, KeyError):
+            return False
+        racks = [rack for center in topology.get("DataCenters") or [] for rack in center.get("Racks") or []]
+        return any(rack.get("DataNodes") for rack in racks)
 
     def _create_buckets(self) -> None:
         client = self.s3_client()
@@ -446,12 +474,15 @@ class Stack:
             "MLFLOW_BACKEND_STORE_URI": self.postgres_uri("mlflow"),
             "MLFLOW_ARTIFACTS_DESTINATION": f"s3://{ARTIFACT_BUCKET}",
         }
+        # a dead S3 endpoint is an error within a second or two, not after botocore's 5 tries
+        env |= {"AWS_RETRY_MODE": "standard", "AWS_MAX_ATTEMPTS": "2"}
         for key in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI"):
             env.pop(key, None)
         command = [
             sys.executable, "-m", "mlflow", "server", "--host", HOST, "--port", str(self.ports["mlflow"]),
-            # two workers: requests from parallel runs overlap on a 2-core machine
-            "--workers", "2",
+            # two workers: requests from parallel runs overlap on a 2-core machine; on SIGTERM,
+            # requests under way get 5 s to finish (uvicorn would wait for idle keep-alives too)
+            "--workers", "2", "--uvicorn-opts", "--timeout-graceful-shutdown 5",
         ]  # fmt: skip
         self._spawn("mlflow", command, env)
         wait_until(
@@ -505,7 +536,7 @@ class Stack:
         (self.state / f"{service}.pid").unlink(missing_ok=True)
         if pid is None:
             return False
-        for sig, wait_s in ((signal.SIGTERM, 20.0), (signal.SIGKILL, 10.0)):
+        for sig, wait_s in ((signal.SIGTERM, STOP_GRACE_S[service]), (signal.SIGKILL, 10.0)):
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(pid, sig)  # the server and the workers it forked
             deadline = time.monotonic() + wait_s
