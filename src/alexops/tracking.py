@@ -102,7 +102,7 @@ def _reachable(mlflow, root: Path) -> None:
     except Exception as exc:  # connection refused, bad URI, locked DB: all stop here
         uri = tracking_uri(root)
         if why := server_diagnosis(uri):
-            raise AlexopsError(f"cannot use the MLflow tracking store: {why}", transient=True) from exc
+            raise AlexopsError(f"cannot reach the MLflow tracking store: {why}", transient=True) from exc
         raise AlexopsError(
             f"cannot reach the MLflow tracking store {uri} ({exc.__class__.__name__}: "
             f"{one_line(exc)}). Fix: start the server (`make mlflow-server`) or "
