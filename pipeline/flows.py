@@ -211,9 +211,14 @@ def stopped_on_exit(dvc: DvcProcess, workspace: Path) -> Iterator[DvcProcess]:
 
 
 def stage_state(stage: str, log: StageLog):
-    """The task's final state: Completed('up to date') for a stage DVC skipped; the stage's name
-    (what ran) or None is what the flow gets back."""
+    """The task's final state: Completed('up to date') for a stage DVC skipped; its result is the
+    stage's name when the stage ran, None when it did not."""
     return Completed(message=log.skipped, data=None) if log.skipped else Completed(data=stage)
+
+
+def ran(state) -> str | None:
+    """The stage a task's state says ran. (Calling a task that returns a State gives the State.)"""
+    return state.result()
 
 
 # ---- quick run: one task per stage ----------------------------------------------------------------
@@ -303,12 +308,12 @@ def run_experiment(name: str, overrides: dict[str, Any], root: Path, dataset: st
         try:
             with stopped_on_exit(dvc, root):
                 output = ExperimentOutput(dvc)
-                ran = [experiment_stage(stage, output, dataset) for stage in STAGES]
+                stages = [ran(experiment_stage(stage, output, dataset)) for stage in STAGES]
                 for line in output.rest():  # DVC's closing words
                     get_run_logger().info(line)
             if dvc.returncode:
                 raise StageFailed("experiment", f"dvc exp run exited with {dvc.returncode}", dvc.returncode)
-            return named, [stage for stage in ran if stage]
+            return named, [stage for stage in stages if stage]
         except StageFailed as failure:
             # a retry reruns the whole experiment: worth it only before anything was trained
             if (
@@ -437,16 +442,16 @@ def pipeline(
         for name in datasets_to_run(dataset, root):
             run_overrides = changes | ({} if name == home else {"base.dataset": name})
             params = checked_params(root, run_overrides)
-            experiment, failure, ran = None, None, []
+            experiment, failure, stages_run = None, None, []
             try:
                 if run_overrides:
                     named = dvc_experiment_name(name, run_overrides)
-                    experiment, ran = run_experiment(named, run_overrides, root, name)
+                    experiment, stages_run = run_experiment(named, run_overrides, root, name)
                 else:
-                    ran = [stage for stage in STAGES if run_stage(stage, str(root), name)]
+                    stages_run = [stage for stage in STAGES if ran(run_stage(stage, str(root), name))]
             except StageFailed as exc:
                 failure = exc
-            summaries.append(publish_summary(root, params, run_overrides, experiment, failure, ran))
+            summaries.append(publish_summary(root, params, run_overrides, experiment, failure, stages_run))
             if failure is not None:
                 return Failed(message=str(failure), data=failure)
     return summaries
@@ -457,7 +462,7 @@ def pipeline(
 
 def publish_summary(
     root: Path, params: params_module.Params, overrides: dict[str, Any], experiment: str | None,
-    failure: StageFailed | None, ran: list[str],
+    failure: StageFailed | None, stages_run: list[str],
 ) -> dict:  # fmt: skip
     """The run's record as Prefect artifacts: a markdown summary and the confusion matrix."""
     from alexops import register, tracking
@@ -467,10 +472,10 @@ def publish_summary(
     mlflow = tracking.connect(root)
     found = find_mlflow_run(mlflow, record, params)
     lines = [f"# {dataset}: {headline(register.model_name(params), record, failure)}", ""]
-    if failure is None and not ran:
+    if failure is None and not stages_run:
         lines += ["Every stage was up to date: this is the model an earlier run made.", ""]
-    elif failure is None and "train" not in ran:
-        lines += [f"This run did not train: {', '.join(ran)} ran for the model an earlier run trained.", ""]
+    elif failure is None and "train" not in stages_run:
+        lines += [f"This run did not train: {', '.join(stages_run)} ran for the model an earlier run trained.", ""]
     if found is not None:
         lines += [
             f"MLflow run: {run_link(root, found)}",

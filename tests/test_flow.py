@@ -123,6 +123,7 @@ def test_a_quick_run_streams_each_stage_live_with_progress_and_a_summary(
     assert again.is_completed()
     assert {t.state.message for t in task_runs_of(again.state_details.flow_run_id)} == {"up to date"}
     artifacts = artifacts_of(again.state_details.flow_run_id)
+    assert "Every stage was up to date" in artifacts[f"summary-{DATASET}"].data
     assert "test_accuracy" in artifacts[f"summary-{DATASET}"].data
     assert confusion_total(artifacts[f"confusion-{DATASET}"]) == 80
 

@@ -11,7 +11,7 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from alexops import augment, export, inference, params, quantize
+from alexops import augment, export, inference, params, quantize, tracking
 from alexops.errors import AlexopsError
 from alexops.model import AlexNet
 from alexops.paths import Paths
@@ -31,6 +31,8 @@ def exported(prepared):
     export.add_metadata(proto, stats["classes"], recipe.as_dict(), {"width": 0.0625})
     paths.artifacts.mkdir(parents=True, exist_ok=True)
     paths.onnx.write_bytes(proto.SerializeToString())
+    with tracking.new_run(loaded, paths):  # the model's run, as train opens it
+        pass
     return loaded, paths, recipe
 
 

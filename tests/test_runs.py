@@ -219,7 +219,7 @@ def test_a_stale_alias_write_is_corrected_by_the_next_settle(tmp_path):
 def test_sigterm_to_dvc_alone_stops_its_stage_too(workspace, ws_env):
     """`docker stop`, Kubernetes and systemd's main-process mode signal dvc only, which dies without
     passing it on; the stage asked to get SIGTERM when its parent dies, so it ends its run KILLED."""
-    set_train(workspace, epochs=8)
+    set_train(workspace, epochs=500)  # far more than the seconds it takes the signal to arrive
     checkpoint = workspace / "artifacts" / DATASET / "checkpoint.pt"
     dvc = subprocess.Popen([f"{Path(ws_env['PATH'].split(os.pathsep)[0])}/dvc", "repro"], cwd=workspace,
                            env=ws_env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip

@@ -24,20 +24,26 @@ def state_of(root):
     return torch.load(root / "artifacts" / "fashion-mnist" / "model.pt", weights_only=True)["state_dict"]
 
 
-def test_kill_9_mid_training_then_rerun_resumes_to_identical_weights(prepared, tmp_path):
-    uninterrupted = tmp_path / "uninterrupted"
-    shutil.copytree(prepared, uninterrupted)
-    subprocess.run(train_command(uninterrupted), check=True, capture_output=True)
-
-    checkpoint = prepared / "artifacts" / "fashion-mnist" / "checkpoint.pt"
-    victim = subprocess.Popen(train_command(prepared), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+def kill_9_after_first_checkpoint(root):
+    """Start training and kill -9 it once its first epoch's checkpoint is on disk."""
+    checkpoint = root / "artifacts" / "fashion-mnist" / "checkpoint.pt"
+    victim = subprocess.Popen(train_command(root), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 120
     while not checkpoint.exists() and victim.poll() is None and time.monotonic() < deadline:
         time.sleep(0.02)
     os.kill(victim.pid, signal.SIGKILL)
     victim.wait()
     assert checkpoint.exists(), "the first epoch's checkpoint was never written"
-    assert not (prepared / "artifacts" / "fashion-mnist" / "model.pt").exists()
+    assert not (root / "artifacts" / "fashion-mnist" / "model.pt").exists()
+
+
+def test_kill_9_mid_training_then_rerun_resumes_to_identical_weights(prepared, tmp_path):
+    uninterrupted = tmp_path / "uninterrupted"
+    shutil.copytree(prepared, uninterrupted)
+    subprocess.run(train_command(uninterrupted), check=True, capture_output=True)
+    assert not (uninterrupted / "artifacts" / "fashion-mnist" / "checkpoint.pt").exists()  # done: removed
+
+    kill_9_after_first_checkpoint(prepared)
 
     rerun = subprocess.run(train_command(prepared), check=True, capture_output=True, text=True)
     assert "resuming after epoch" in rerun.stdout
@@ -48,7 +54,7 @@ def test_kill_9_mid_training_then_rerun_resumes_to_identical_weights(prepared, t
 
 
 def test_changed_params_do_not_resume_a_stale_checkpoint(prepared):
-    subprocess.run(train_command(prepared), check=True, capture_output=True)
+    kill_9_after_first_checkpoint(prepared)
     raw = yaml.safe_load((prepared / "params.yaml").read_text())
     raw["train"]["lr"] = 0.01
     (prepared / "params.yaml").write_text(yaml.safe_dump(raw))

@@ -176,16 +176,22 @@ def check_drop(fp32: float, int8: float, max_drop: float) -> None:
 
 
 def run(params: Params, paths: Paths) -> None:
+    check_inputs(paths)
     with tracking.continue_run(params, paths, "quantize") as mlflow:
         report = quantize_stage(params, paths)
         numbers = {k: v for k, v in report.items() if isinstance(v, int | float) and not isinstance(v, bool)}
         mlflow.log_metrics({f"quantize_{k}": float(v) for k, v in numbers.items()})
 
 
-def quantize_stage(params: Params, paths: Paths) -> dict:
-    """Quantise, check the accuracy drop, write model.int8.onnx and quantize.json."""
+def check_inputs(paths: Paths) -> None:
+    """The exported model must exist before anything is opened or recorded."""
     if not paths.onnx.exists():
         raise AlexopsError(f"{paths.onnx} is missing. Fix: run `dvc repro export` first.")
+
+
+def quantize_stage(params: Params, paths: Paths) -> dict:
+    """Quantise, check the accuracy drop, write model.int8.onnx and quantize.json."""
+    check_inputs(paths)
     fp32_bytes = paths.onnx.read_bytes()
     fp32_model = inference.load_model(fp32_bytes, name="fp32", version=None, uri=str(paths.onnx))
     train_images, _ = load_split(paths.prepared / "train.pt")
