@@ -475,7 +475,8 @@ def publish_summary(
     if failure is None and not stages_run:
         lines += ["Every stage was up to date: this is the model an earlier run made.", ""]
     elif failure is None and "train" not in stages_run:
-        lines += [f"This run did not train: {', '.join(stages_run)} ran for the model an earlier run trained.", ""]
+        stages = ", ".join(stages_run)
+        lines += [f"This run did not train: {stages} ran for the model an earlier run trained.", ""]
     if found is not None:
         lines += [
             f"MLflow run: {run_link(root, found)}",
