@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import functools
 import io
-import warnings
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 
@@ -96,20 +95,16 @@ def read(data: bytes, channels: int, *, max_pixels: int = DEFAULT_MAX_PIXELS, la
     if not data:
         raise ImageError(f"{label} is empty (0 bytes).", reason="empty")
     try:
-        with warnings.catch_warnings():
-            # Pillow warns about a bomb (we check the size ourselves, from the header) and
-            # about palette transparency given as bytes (converted to RGBA below, as it asks)
-            warnings.simplefilter("ignore")
-            with Image.open(io.BytesIO(data), formats=readable_formats()) as image:
-                check_pixels(image.size, max_pixels, label)
-                return _layers(image, channels)
+        with Image.open(io.BytesIO(data), formats=readable_formats()) as image:
+            check_pixels(image.size, max_pixels, label)  # from the header, before decoding
+            return _layers(image, channels)
     except ImageError:
         raise
-    except Image.DecompressionBombError as exc:
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:  # Pillow's own limit
         raise too_many_pixels(label, max_pixels, str(exc)) from exc
     except Image.UnidentifiedImageError as exc:
         raise ImageError(
-            f"{label} is not an image alexops can read ({', '.join(FORMATS[:8])}, ...).",
+            f"{label} is not an image alexops can read ({', '.join(readable_formats()[:8])}, ...).",
             reason="not_an_image",
         ) from exc
     except Exception as exc:  # truncated data and corrupt chunks raise OSError, ValueError, SyntaxError...
