@@ -13,7 +13,9 @@ from concurrent.futures import ProcessPoolExecutor
 
 import numpy as np
 import pytest
-from PIL import Image, ImageDraw
+from garments import catalogue_photo
+from garments import garments as made_as_the_dataset
+from PIL import Image
 
 from alexops import datasets, images
 from alexops.images import ImageError
@@ -207,39 +209,6 @@ def test_decode_runs_in_a_process_pool(upright):
 # ---- the capture recipe ---------------------------------------------------------------------
 
 
-def garment(kind: int, rng: np.random.Generator) -> np.ndarray:
-    """A Fashion-MNIST-like 28×28 image made as the dataset's were: a light, textured silhouette
-    trimmed to its edges, its longest edge fitted to 28 px, centred on black."""
-    canvas = Image.new("L", (112, 112), 0)
-    shapes = [
-        [(8, 4), (104, 4), (104, 40), (80, 40), (80, 108), (32, 108), (32, 40), (8, 40)],  # a T-shirt
-        [(36, 0), (76, 0), (80, 111), (60, 111), (56, 30), (52, 111), (32, 111)],  # trousers
-        [(0, 60), (40, 30), (111, 70), (111, 96), (0, 96)],  # a shoe
-        [(20, 0), (92, 0), (111, 111), (0, 111)],  # a dress
-    ]
-    ImageDraw.Draw(canvas).polygon(shapes[kind % len(shapes)], fill=int(rng.integers(150, 230)))
-    large = np.asarray(canvas).astype(int)
-    large = np.where(large > 0, large + rng.integers(-25, 25, (28, 28)).repeat(4, 0).repeat(4, 1), 0)
-    rows, cols = np.flatnonzero(large.any(axis=1)), np.flatnonzero(large.any(axis=0))
-    cropped = Image.fromarray(
-        np.clip(large, 0, 255).astype(np.uint8)[rows[0] : rows[-1] + 1, cols[0] : cols[-1] + 1]
-    )
-    scale = 28 / max(cropped.size)
-    fitted = cropped.resize([max(1, round(side * scale)) for side in cropped.size], Image.Resampling.BOX)
-    out = Image.new("L", (28, 28), 0)
-    out.paste(fitted, ((28 - fitted.width) // 2, (28 - fitted.height) // 2))
-    return np.asarray(out)
-
-
-def catalogue_photo(image: np.ndarray, scale: int, margins: tuple[int, int, int, int], backdrop: int = 253):
-    """`image` as a shop would show it: negated (dark on light), enlarged, on a larger canvas."""
-    photo = Image.fromarray(255 - image).resize((28 * scale, 28 * scale), Image.Resampling.BICUBIC)
-    top, bottom, left, right = margins
-    canvas = Image.new("RGB", (28 * scale + left + right, 28 * scale + top + bottom), (backdrop,) * 3)
-    canvas.paste(photo.convert("RGB"), (left, top))
-    return canvas
-
-
 def jpeg(image: Image.Image, quality: int = 90) -> bytes:
     buffer = io.BytesIO()
     image.save(buffer, "JPEG", quality=quality)
@@ -248,8 +217,7 @@ def jpeg(image: Image.Image, quality: int = 90) -> bytes:
 
 @pytest.fixture(scope="module")
 def garments() -> list[np.ndarray]:
-    rng = np.random.default_rng(4)
-    return [garment(kind, rng) for kind in range(8)]
+    return list(made_as_the_dataset(1, seed=4)[0])
 
 
 def test_the_datasets_own_images_are_left_as_they_are(garments):
@@ -272,7 +240,7 @@ def test_catalogue_photos_are_brought_back_to_the_dataset_form(garments, scale, 
         assert pixels.shape == (1, 28, 28)
         as_is = Image.fromarray(images.capture(data, 1, FASHION, "none")[0][0]).resize((28, 28))
         error, untouched = (np.abs(np.asarray(p, dtype=int) - image).mean() for p in (pixels[0], as_is))
-        assert error < 16 and error < untouched / 5, (error, untouched)
+        assert error < 20 and error < untouched / 5, (error, untouched)
 
 
 def test_capture_dataset_always_applies_and_none_never(garments):
@@ -286,17 +254,20 @@ def test_capture_dataset_always_applies_and_none_never(garments):
 
 
 def test_a_transparent_catalogue_photo_is_a_photo_and_a_transparent_dataset_image_is_not(garments):
-    image = garments[2]
-    dark = 255 - np.asarray(Image.fromarray(image).resize((112, 112), Image.Resampling.BICUBIC))
-    mask = np.asarray(Image.fromarray((image > 0).astype(np.uint8) * 255).resize((112, 112)))
-    photo = np.pad(np.dstack([dark, mask]), ((20, 20), (30, 30), (0, 0)))  # transparent margins
-    pixels, done = images.capture(encode(photo), 1, FASHION, "auto")
-    assert done.applied == "catalogue" and "dark object" in done.reason
-    assert np.abs(pixels[0].astype(int) - image).mean() < 15
-    light = np.dstack([image, np.where(image > 0, 255, 0).astype(np.uint8)])
-    pixels, done = images.capture(encode(light), 1, FASHION, "auto")
-    assert done.applied == "none" and "light object" in done.reason
-    assert np.array_equal(pixels[0], image)  # transparency over the dataset's black
+    for image in garments:
+        mask = np.where(image > 0, 255, 0).astype(np.uint8)
+        for shade in (image, image // 4):  # a dark garment, and a white one (dim in the dataset's form)
+            dark = 255 - np.asarray(Image.fromarray(shade).resize((112, 112), Image.Resampling.BICUBIC))
+            cutout = np.asarray(Image.fromarray(mask).resize((112, 112)))
+            photo = np.pad(np.dstack([dark, cutout]), ((20, 20), (30, 30), (0, 0)))  # transparent margins
+            pixels, done = images.capture(encode(photo), 1, FASHION, "auto")
+            assert done.applied == "catalogue" and "transparent backdrop" in done.reason
+            assert np.abs(pixels[0].astype(int) - shade).mean() < 20
+        # the dataset's own image, its black made transparent (and white underneath, which must not show)
+        transparent = np.dstack([np.where(mask > 0, image, 255), mask])
+        pixels, done = images.capture(encode(transparent), 1, FASHION, "auto")
+        assert done.applied == "none" and "the dataset's size" in done.reason
+        assert np.array_equal(pixels[0], image)  # transparency over the dataset's black
 
 
 def test_a_photo_dataset_applies_nothing_and_puts_transparency_on_white(upright):

@@ -165,7 +165,7 @@ def _layers(image: Image.Image, channels: int) -> Layers:
     if deep:
         gray, alpha = _deep_gray(image, declared)
         colour = gray[None] if channels == 1 else np.repeat(gray[None], 3, axis=0)
-        return Layers(np.ascontiguousarray(colour), alpha)
+        return Layers(_own(colour), alpha)
     mode = MODES[channels]
     if _has_transparency(image):
         pixels = np.asarray(image.convert("RGBA").convert(f"{mode}A" if mode == "L" else "RGBA"))
@@ -177,7 +177,13 @@ def _layers(image: Image.Image, channels: int) -> Layers:
             image = image.convert("RGB")  # Pillow has no direct CMYK → L
         colour, alpha = np.asarray(image.convert(mode)), None
     colour = colour[None] if colour.ndim == 2 else colour.transpose(2, 0, 1)
-    return Layers(np.ascontiguousarray(colour), None if alpha is None else np.ascontiguousarray(alpha))
+    return Layers(_own(colour), None if alpha is None else _own(alpha))
+
+
+def _own(array: np.ndarray) -> np.ndarray:
+    """A contiguous array the caller may write to (Pillow's are read-only views)."""
+    array = np.ascontiguousarray(array)
+    return array if array.flags.writeable else array.copy()
 
 
 def _has_transparency(image: Image.Image) -> bool:
@@ -334,7 +340,7 @@ class Captured:
 # (at least UNIFORM of its pixels within NEAR of the border's median). Fashion-MNIST's own
 # images have a black border; none of its 10,000 test images passes (benchmarks/bench_capture.py).
 LIGHT, UNIFORM, NEAR = 128, 0.9, 0.15 * 255
-TRANSPARENT_BORDER = 0.5  # share of border pixels under half opacity: the backdrop is transparency
+TRANSPARENT = 0.05  # share of pixels under half opacity from which transparency is the backdrop
 
 
 def capture(
@@ -362,7 +368,7 @@ def capture(
         return composite(layers, recipe.background), Captured(mode, "none", "capture=none")
     photo = composite(layers, recipe.backdrop or (255,))
     if mode == "auto":
-        is_photo, why = looks_like_a_photo(layers, photo)
+        is_photo, why = looks_like_a_photo(layers, photo, recipe.size or 0)
         if not is_photo:
             return composite(layers, recipe.background), Captured(mode, "none", why)
     else:
@@ -370,26 +376,22 @@ def capture(
     return catalogue_to_dataset(photo, recipe), Captured(mode, recipe.kind, why)
 
 
-def looks_like_a_photo(layers: Layers, photo: np.ndarray) -> tuple[bool, str]:
+def looks_like_a_photo(layers: Layers, photo: np.ndarray, size: int) -> tuple[bool, str]:
     """Whether an image is a catalogue photo rather than in the dataset's form, and why.
 
-    A border at least half transparent means the backdrop is transparency: then a dark object (mean luma
-    of its opaque pixels below half) is a catalogue photo, a light one is already in the
-    dataset's form. Otherwise a light, near-uniform border (the photo over its backdrop)
-    marks a catalogue photo; the dataset's own images have a black one.
+    An image with transparent pixels (at least TRANSPARENT of them) has transparency for its
+    backdrop, in either form; what tells them apart is the size: larger than the dataset's
+    `size` it is a photo (a product cut-out), at most that it is a dataset image. The
+    object's brightness cannot tell: a third of Fashion-MNIST's test images have a garment
+    darker than mid-gray, since the negation makes white garments dark. Without
+    transparency, a light, near-uniform border (the photo's backdrop) marks a catalogue
+    photo; the dataset's own images have a black one.
     """
-    if layers.alpha is not None:
-        alpha = border(layers.alpha.astype(np.float64) / 255)
-        if (alpha < 0.5).mean() >= TRANSPARENT_BORDER:
-            weights = layers.alpha.astype(np.float64)
-            if weights.sum() == 0:
-                return False, "fully transparent image"
-            luma_mean = float((luma(layers.colour) * weights).sum() / weights.sum())
-            dark = luma_mean < 128
-            return (
-                dark,
-                f"transparent border, {'dark' if dark else 'light'} object (mean luma {luma_mean:.0f})",
-            )
+    if layers.alpha is not None and (layers.alpha < 128).mean() >= TRANSPARENT:
+        height, width = layers.alpha.shape
+        if max(height, width) > size:
+            return True, f"transparent backdrop, {width}×{height} px: a photo (the dataset's are {size} px)"
+        return False, f"transparent backdrop, {width}×{height} px: the dataset's size, so its form"
     ring = border(luma(photo))
     median = float(np.median(ring))
     near = float((np.abs(ring - median) <= NEAR).mean())

@@ -261,7 +261,7 @@ async def run_inference(request: Request, model: LoadedModel) -> Response:
         x, captured = await server.images(files, model, capture)
     else:
         x = fp32_tensor(tensor, binary, model)
-    if "capture" in requested and captured is None:
+    if "capture" in requested and captured is None and document.get("outputs") is not None:
         raise InputError('output "capture" exists only for BYTES (image file) inputs.', reason="bad_output")
     logits = await server.infer(model, x)
     return respond(document, model, logits, captured, requested)
