@@ -379,6 +379,9 @@ BAD_REQUESTS = {
     "json ragged": (dict(json={"inputs": [[[0.0, 1.0], [0.0]]]}), 400, "rectangular"),
     "json strings": (dict(json={"inputs": [[["a"] * 67] * 67]}), 400, "numbers only"),
     "json booleans": (dict(json={"inputs": [[[True] * 67] * 67]}), 400, "true/false"),
+    "json numbers as strings": (dict(json={"inputs": [[["0.5"] * 67] * 67]}), 400, "numbers only"),
+    "json a boolean among numbers": (dict(json={"inputs": [[[0.5] * 66 + [False]] * 67]}), 400, "true/false"),
+    "json null among numbers": (dict(json={"inputs": [[[0.5] * 66 + [None]] * 67]}), 400, "null"),
     "json NaN": (
         dict(headers={"content-type": "application/json"}, content=b'{"inputs": [NaN]}'), 400, "NaN",
     ),

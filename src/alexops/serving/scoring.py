@@ -134,6 +134,7 @@ def check_content_type(header: str) -> None:
 def parse(body: bytes, model: LoadedModel) -> np.ndarray:
     """float32 (N, C, S, S) from any of the JSON forms MLflow accepts for this model."""
     document = bodies.parse_json(body)
+    literals = bodies.may_hold_literals(body)
     if not isinstance(document, dict):
         raise InputError(
             f"the input must be a JSON object with exactly one of the keys {', '.join(FORMATS)}.",
@@ -150,11 +151,11 @@ def parse(body: bytes, model: LoadedModel) -> np.ndarray:
     key, name = present[0], model.input.name
     value = document[key]
     if key == "inputs":
-        return array_inputs(_named(value, name, '"inputs"'), model.input)
+        return array_inputs(_named(value, name, '"inputs"'), model.input, literals=literals)
     if key == "instances":
         if isinstance(value, list) and value and all(isinstance(row, dict) for row in value):
             value = [_named(row, name, "each instance") for row in value]
-        return array_inputs(value, model.input, '"instances"')
+        return array_inputs(value, model.input, '"instances"', literals)
     if key == "dataframe_records":
         if not isinstance(value, list) or not all(isinstance(row, dict) for row in value):
             raise InputError(
@@ -163,7 +164,7 @@ def parse(body: bytes, model: LoadedModel) -> np.ndarray:
         return array_inputs(
             [_named(row, name, "each record") for row in value], model.input, '"dataframe_records"'
         )
-    return array_inputs(_split_column(value, name), model.input, '"dataframe_split"')
+    return array_inputs(_split_column(value, name), model.input, '"dataframe_split"', literals)
 
 
 def _named(value: Any, name: str, what: str) -> Any:

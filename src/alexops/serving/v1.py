@@ -224,7 +224,7 @@ def json_inputs(body: bytes, model: LoadedModel) -> np.ndarray:
         raise InputError(
             f'unknown key(s) {", ".join(map(repr, unknown))[:200]}; send only "inputs".', reason="bad_json"
         )
-    return array_inputs(document["inputs"], model.input)
+    return array_inputs(document["inputs"], model.input, literals=bodies.may_hold_literals(body))
 
 
 # ---- errors in this protocol's shape ------------------------------------------------------

@@ -260,7 +260,7 @@ async def run_inference(request: Request, model: LoadedModel) -> Response:
         files = [(f"image #{i + 1}", data) for i, data in enumerate(bytes_elements(tensor, binary))]
         x, captured = await server.images(files, model, capture)
     else:
-        x = fp32_tensor(tensor, binary, model)
+        x = fp32_tensor(tensor, binary, model, bodies.may_hold_literals(header))
     if "capture" in requested and captured is None and document.get("outputs") is not None:
         raise InputError('output "capture" exists only for BYTES (image file) inputs.', reason="bad_output")
     logits = await server.infer(model, x)
@@ -316,7 +316,7 @@ def tensor_parameters(tensor: dict) -> dict:
     return _object(tensor.get("parameters", {}), "the input's parameters")
 
 
-def fp32_tensor(tensor: dict, binary: bytes, model: LoadedModel) -> np.ndarray:
+def fp32_tensor(tensor: dict, binary: bytes, model: LoadedModel, literals: bool = True) -> np.ndarray:
     spec = model.input
     shape = tuple(tensor["shape"])
     expected = (spec.channels, spec.size, spec.size)
@@ -341,7 +341,7 @@ def fp32_tensor(tensor: dict, binary: bytes, model: LoadedModel) -> np.ndarray:
         data = tensor.get("data")
         if not isinstance(data, list) or not data:
             raise InputError(f'input {spec.name!r} needs "data" (or binary data).', reason="bad_shape")
-        array = numbers(data, '"data"', f"{list(shape)}")
+        array = numbers(data, '"data"', f"{list(shape)}", literals)
         if array.size != count:
             raise InputError(
                 f'"data" holds {array.size} values; shape {list(shape)} needs {count}.', reason="bad_shape"
