@@ -605,3 +605,87 @@ def wait_for(condition, what: str, timeout_s: float = 90) -> None:
         if time.monotonic() > deadline:
             raise AssertionError(f"gave up waiting for {what}")
         time.sleep(0.05)
+
+
+# ---- a drop-in for `mlflow models serve` ----------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def mlflow_server(registry, tmp_path_factory):
+    """`mlflow models serve` on registered version 1 (the `server` fixture's model file)."""
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    env = dict(
+        os.environ,
+        MLFLOW_TRACKING_URI=registry[0],
+        PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}",
+    )
+    log = tmp_path_factory.mktemp("mlflow-serve") / "mlflow.log"
+    command = [
+        str(Path(sys.executable).parent / "mlflow"),
+        "models",
+        "serve",
+        "-m",
+        f"models:/{REGISTERED}/1",
+    ]
+    command += ["--env-manager", "local", "-h", "127.0.0.1", "-p", str(port)]
+    with open(log, "w") as out:
+        process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=env)
+    url = f"http://127.0.0.1:{port}"
+    wait_for(
+        lambda: process.poll() is not None or _answers(f"{url}/ping"), "mlflow models serve", START_TIMEOUT_S
+    )
+    assert process.poll() is None, log.read_text()
+    yield url
+    process.terminate()
+    process.wait(timeout=60)
+
+
+def _answers(url: str) -> bool:
+    try:
+        return httpx.get(url, timeout=2).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+def test_invocations_answer_what_mlflow_models_serve_answers(server, mlflow_server, images):
+    """The same requests to both servers: the same predictions, and a 4xx from both where MLflow refuses."""
+    x = np.concatenate([preprocessed(images["gray.png"]), preprocessed(images["photo.jpg"])])
+    accepted = {
+        "inputs": {"inputs": x.tolist()},
+        "inputs by name": {"inputs": {"image": x.tolist()}},
+        "instances": {"instances": x.tolist()},
+        "instances of objects": {"instances": [{"image": row.tolist()} for row in x]},
+        "params": {"inputs": x.tolist(), "params": {"unused": 1}},
+    }
+    for form, body in accepted.items():
+        theirs, ours = (
+            httpx.post(f"{url}/invocations", json=body, timeout=60) for url in (mlflow_server, server.url)
+        )
+        assert theirs.status_code == ours.status_code == 200, (form, theirs.text[:300], ours.text[:300])
+        assert set(ours.json()) == set(theirs.json()) == {"predictions"}
+        assert set(ours.json()["predictions"]) == set(theirs.json()["predictions"]) == {"logits"}
+        assert np.allclose(
+            ours.json()["predictions"]["logits"], theirs.json()["predictions"]["logits"], atol=1e-4
+        )
+    refused = [
+        {"inputs": np.zeros((1, 1, 5, 5)).tolist()},
+        {"data": []},
+        [1, 2],
+        {"inputs": [[["a"] * 67] * 67]},
+    ]
+    for body in refused:
+        theirs, ours = (
+            httpx.post(f"{url}/invocations", json=body, timeout=60) for url in (mlflow_server, server.url)
+        )
+        assert 400 <= ours.status_code < 500 and 400 <= theirs.status_code < 500, (body, theirs.text[:200])
+        assert {"error_code", "message"} <= set(theirs.json()) and set(ours.json()) == {
+            "error_code",
+            "message",
+        }
+    for path in ("/ping", "/health", "/version"):
+        theirs, ours = (httpx.get(f"{url}{path}") for url in (mlflow_server, server.url))
+        assert (ours.status_code, ours.text) == (theirs.status_code, theirs.text), path

@@ -23,6 +23,7 @@ from alexops.serving.model import InputSpec, LoadedModel, top_k
 # Small images are decoded on the event loop: ~0.15 ms of work for a 28×28 PNG, less than a
 # thread hop and its wait for the GIL; larger ones go to a thread so the loop keeps serving.
 INLINE_PIXELS = 256 * 256
+INLINE_BYTES = 1 << 20  # JSON bodies parsed on the event loop (see Server.parse)
 
 
 class ServingError(AlexopsError):

@@ -18,7 +18,6 @@ Errors are `{"error_code": "BAD_REQUEST", "message": "..."}`, MLflow's shape, wi
 
 from __future__ import annotations
 
-import asyncio
 from importlib import metadata
 from typing import Any
 
@@ -100,7 +99,7 @@ async def invocations(request: Request) -> JSONResponse:
     body = await bodies.read_body(request, server.options.max_body_bytes)
     if not body:
         raise InputError('empty request body; send JSON such as {"inputs": [...]}.', reason="empty")
-    x = await asyncio.to_thread(parse, body, model)
+    x = await server.parse(parse, body, model)
     logits = await server.infer(model, x)
     return JSONResponse({"predictions": {model.output_name: logits.tolist()}})
 

@@ -8,7 +8,6 @@ Errors are JSON `{"detail": "..."}` naming the problem.
 
 from __future__ import annotations
 
-import asyncio
 from typing import Literal
 
 import numpy as np
@@ -202,7 +201,7 @@ async def read_inputs(request: Request, server: Server, model: LoadedModel, capt
         )
     kind = bodies.media_type(request)
     if kind == "application/json":
-        x = await asyncio.to_thread(json_inputs, body, model)
+        x = await server.parse(json_inputs, body, model)
         return x, [None] * len(x)
     if kind == "multipart/form-data":
         files = await bodies.multipart_files(request, body, "file")
