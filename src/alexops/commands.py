@@ -79,7 +79,7 @@ def _serve(args: argparse.Namespace) -> int:
         max_body_mb=args.max_body_mb,
     )
     try:
-        app.serve(model_source(args), options)
+        app.serve(model_source(args, spinning=False), options)  # a server's cores are its requests' too
     except KeyboardInterrupt:  # uvicorn re-raises Ctrl-C once it has shut down gracefully
         print("alexops serve: stopped", file=sys.stderr)
     return 0
@@ -96,13 +96,14 @@ def _predict(args: argparse.Namespace) -> int:
     return 0
 
 
-def model_source(args: argparse.Namespace):
+def model_source(args: argparse.Namespace, spinning: bool = True):
     from alexops import tracking
     from alexops.serving import model
 
     uri = args.model_uri or default_model_uri(Path(args.params))
+    tracking_uri = tracking.tracking_uri(Path(args.root))
     return model.ModelSource(
-        model.parse_model_uri(uri), tracking.tracking_uri(Path(args.root)), threads=args.threads
+        model.parse_model_uri(uri), tracking_uri, threads=args.threads, spinning=spinning
     )
 
 

@@ -182,9 +182,17 @@ def _layers(image: Image.Image, channels: int) -> Layers:
     return Layers(_own(colour), None if alpha is None else _own(alpha))
 
 
+# Where Pillow finds an orientation besides TIFF's own tags (Image.getexif): EXIF, ImageMagick's
+# hex EXIF in a PNG text chunk, XMP. An image without any of these is upright as stored.
+ORIENTATION_SOURCES = ("exif", "Raw profile type exif", "xmp", "XML:com.adobe.xmp")
+
+
 def upright(image: Image.Image) -> Image.Image:
     """The image as viewers show it: its EXIF orientation applied (a new, loaded image). EXIF that
     cannot be read is ignored, as viewers ignore it: the pixels are shown as stored."""
+    image.load()  # a PNG's eXIf chunk may follow its pixels
+    if image.format != "TIFF" and not any(key in image.info for key in ORIENTATION_SOURCES):
+        return image  # nothing to apply: skip Pillow's EXIF parse and copy (0.1 ms of a 28 px PNG)
     try:
         return ImageOps.exif_transpose(image)
     except (SyntaxError, ValueError, TypeError, struct.error, KeyError):  # Pillow's EXIF parser's errors
@@ -412,7 +420,13 @@ def looks_like_a_photo(layers: Layers, photo: np.ndarray, size: int) -> tuple[bo
         if max(height, width) > size:
             return True, f"transparent backdrop, {width}×{height} px: a photo (the dataset's are {size} px)"
         return False, f"transparent backdrop, {width}×{height} px: the dataset's size, so its form"
-    ring = border(luma(photo))
+    ring = border_pixels(photo)
+    ring = ring[0] if len(ring) == 1 else luma(ring[:, None, :])[0]
+    light = int(np.count_nonzero(ring >= LIGHT))
+    if 2 * light <= ring.size:  # the median is dark: no need to compute it (most uploads)
+        dark = 100 * (1 - light / ring.size)
+        return False, f"border mostly dark ({dark:.0f}% under luma {LIGHT}): already in the dataset's form"
+    ring = ring.astype(np.float64)
     median = float(np.median(ring))
     near = float((np.abs(ring - median) <= NEAR).mean())
     if median >= LIGHT and near >= UNIFORM:
@@ -512,7 +526,10 @@ def border(plane: np.ndarray) -> np.ndarray:
 
 def border_pixels(pixels: np.ndarray) -> np.ndarray:
     """(C, ring length): the outermost ring of a (C, H, W) image."""
-    return np.stack([border(channel) for channel in pixels])
+    if min(pixels.shape[1:]) <= 2:
+        return pixels.reshape(pixels.shape[0], -1)
+    edges = (pixels[:, 0], pixels[:, -1], pixels[:, 1:-1, 0], pixels[:, 1:-1, -1])
+    return np.concatenate(edges, axis=1)
 
 
 def describe(capture_recipe: Capture) -> str:
