@@ -220,6 +220,14 @@ def requests_for(images: torch.Tensor, recipe: augment.Recipe, payload: str, hos
     return [head.format(host, content_type, len(body)).encode() + body for body in bodies]
 
 
+def run(coroutine):
+    """asyncio.run on uvloop: the load generator shares the cores with the server it loads, so the
+    less CPU it spends per request, the less it holds the server back (both servers alike)."""
+    import uvloop
+
+    return uvloop.run(coroutine)
+
+
 async def read_response(reader: asyncio.StreamReader) -> tuple[int, bytes]:
     head = await reader.readuntil(b"\r\n\r\n")
     status = int(head.split(b" ", 2)[1])
@@ -300,8 +308,8 @@ def measure_load(paths: Paths, args: argparse.Namespace) -> dict:
         process, host, port = start_server(model, Path(tmp) / "serve.log", extra)
         try:
             requests = requests_for(images[:512], recipe, args.payload, f"{host}:{port}")
-            asyncio.run(load(host, port, requests, args.clients, 3.0))  # warm-up, not reported
-            result = asyncio.run(load(host, port, requests, args.clients, args.seconds))
+            run(load(host, port, requests, args.clients, 3.0))  # warm-up, not reported
+            result = run(load(host, port, requests, args.clients, args.seconds))
             result["server_mean_batch_size"] = server_batch_mean(host, port)
         finally:
             process.terminate()
@@ -440,7 +448,7 @@ def measure_vs_mlflow(paths: Paths, args: argparse.Namespace, tracking_uri: str)
         try:
             requests = {k: invocation_requests(x, f"{host}:{port}") for k, (_, host, port) in servers.items()}
             for key, (_, host, port) in servers.items():  # warm-up, not reported
-                asyncio.run(load(host, port, requests[key], args.clients, 3.0))
+                run(load(host, port, requests[key], args.clients, 3.0))
             for r in range(args.rounds):
                 for key in sorted(servers, reverse=r % 2 == 1):  # alternate who goes first
                     process, host, port = servers[key]
@@ -490,7 +498,7 @@ def measured(pid: int, coroutine) -> dict:
     """The load `coroutine`'s result, with the server's CPU time per answered request: a figure
     that other processes on a shared machine slow down far less than requests per second."""
     before = cpu_seconds(pid)
-    result = asyncio.run(coroutine)
+    result = run(coroutine)
     answered = result.get("answered", result.get("requests", 0))
     result["server_cpu_ms_per_request"] = 1e3 * (cpu_seconds(pid) - before) / max(answered, 1)
     return result
