@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed-stamp
 MIRROR := /usr/share/datasets/fashion-mnist
 
 .PHONY: install mirror run flow sweep test lint format bench bench-gpu mlflow-ui mlflow-server clean \
-	prefect-server deploy push pull serve bench-serve
+	prefect-server deploy push pull serve bench-serve bench-capture
 
 install: $(STAMP)
 
@@ -102,9 +102,14 @@ ARGS ?=
 serve: install
 	$(BIN)/alexops serve $(ARGS)
 
-# PyTorch eager vs onnxruntime fp32 vs int8, and a 30 s loopback load test (benchmarks/results/serve.json)
+# PyTorch eager vs onnxruntime fp32 vs int8, a 30 s loopback load test, and alexops serve against
+# mlflow models serve on the registered @champion (benchmarks/results/serve.json)
 bench-serve: install
 	$(BIN)/python benchmarks/bench_serve.py
+
+# Fashion-MNIST's test images as shop photos through the capture recipe (benchmarks/results/capture.json)
+bench-capture: install mirror
+	$(BIN)/python benchmarks/bench_capture.py --model artifacts/fashion-mnist/model.onnx
 
 mlflow-ui: install
 	$(BIN)/mlflow ui --backend-store-uri sqlite:///mlflow.db --host 127.0.0.1 --port 5000

@@ -1,7 +1,9 @@
-"""Serving speed: PyTorch eager vs onnxruntime fp32 vs int8, and `alexops serve` under load.
+"""Serving speed: PyTorch eager vs onnxruntime fp32 vs int8, `alexops serve` under load, and
+`alexops serve` against `mlflow models serve` on the same registered model.
 
     python benchmarks/bench_serve.py [--root .] [--seconds 30] [--clients 16] [--payload png|json]
-        [--serve-model fp32|int8] [--out FILE]
+        [--serve-model fp32|int8] [--skip-models] [--skip-load] [--skip-mlflow]
+        [--registered-model models:/NAME@ALIAS] [--rounds 3] [--round-seconds 10] [--out FILE]
 
 1. models, on the pipeline's trained artifacts (artifacts/<dataset>/model.pt, model.onnx,
    model.int8.onnx when the quantize stage has run): batch-1 latency (median) and
@@ -9,7 +11,16 @@
    whole prepared test set; speed-ups as the median of each round's pair (min and max too);
 2. load: `alexops serve` on loopback with `--clients` concurrent keep-alive connections
    posting real Fashion-MNIST test images as PNG files (or preprocessed JSON arrays) for
-   `--seconds`: requests/s, p50/p99 latency, errors, the server's mean batch size.
+   `--seconds`: requests/s, p50/p99 latency, errors, the server's mean batch size;
+3. against MLflow: `mlflow models serve` (MLflow's own scoring server, its default one
+   worker) and `alexops serve` both on `--registered-model` (default the params' model at
+   @champion, from MLFLOW_TRACKING_URI or ./mlflow.db), both answering the same
+   `POST /invocations` bodies (one preprocessed test image each, JSON `{"inputs": ...}`).
+   Closed loop: `--clients` keep-alive connections, each sending its next request when the
+   last is answered. Open loop: requests sent on a fixed schedule at a constant rate (80% of
+   MLflow's closed-loop rate), latency counted from when each request was due, so that a
+   slow answer is not hidden by the requests it delayed. The two servers take turns in
+   `--rounds` rounds of `--round-seconds` each; ratios are per round, then the median.
 
 The load generator is a minimal HTTP/1.1 client on asyncio streams, so that on a small
 machine as little CPU as possible goes to the clients rather than the server. Results are
@@ -25,11 +36,13 @@ import json
 import os
 import platform
 import re
+import socket
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 from pathlib import Path
 
 import numpy as np
@@ -39,16 +52,18 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from alexops import augment, files, inference, params  # noqa: E402
+from alexops import augment, files, params, tracking  # noqa: E402
 from alexops.model import load_trained  # noqa: E402
 from alexops.paths import Paths  # noqa: E402
 from alexops.prepare import load_split  # noqa: E402
+from alexops.serving.model import session_options  # noqa: E402
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "serve.json"
 GOALS = {
     "onnxruntime_vs_eager": "≥ 1.5×",
     "int8_vs_fp32": "≥ 2× at ≤ 0.5 points accuracy drop",
     "load": "≥ 500 req/s at p99 ≤ 50 ms, 0 errors",
+    "vs_mlflow": "alexops ≥ 5× mlflow models serve's req/s (closed loop) at a lower p99",
 }
 
 
@@ -92,7 +107,7 @@ def runners(paths: Paths) -> dict:
     found = {"pytorch_eager": eager}
     for name, path in (("onnxruntime_fp32", paths.onnx), ("onnxruntime_int8", paths.int8_onnx)):
         if path.exists():
-            options = inference.session_options(0)  # the server's own settings
+            options = session_options(0)  # the server's own settings
             session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
             found[name] = lambda x, s=session: s.run(None, {"image": x})[0]
     return found
@@ -250,10 +265,12 @@ async def load(host: str, port: int, requests: list[bytes], clients: int, second
     }
 
 
-def start_server(model: Path, log: Path, extra: list[str]) -> tuple[subprocess.Popen, str, int]:
+def start_server(
+    model: Path | str, log: Path, extra: list[str], env: dict | None = None
+) -> tuple[subprocess.Popen, str, int]:
     command = [sys.executable, "-m", "alexops.cli", "serve", "--model-uri", str(model), "--port", "0", *extra]
     with open(log, "w") as out:
-        process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT)
+        process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=env)
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline and process.poll() is None:
         if found := re.search(r"listening on http://([\d.]+):(\d+)", log.read_text()):
@@ -264,8 +281,6 @@ def start_server(model: Path, log: Path, extra: list[str]) -> tuple[subprocess.P
 
 
 def server_batch_mean(host: str, port: int) -> float | None:
-    import urllib.request
-
     text = urllib.request.urlopen(f"http://{host}:{port}/metrics", timeout=10).read().decode()
     total = re.search(r"^alexops_batch_size_sum (\S+)$", text, re.MULTILINE)
     count = re.search(r"^alexops_batch_size_count (\S+)$", text, re.MULTILINE)
@@ -294,6 +309,196 @@ def measure_load(paths: Paths, args: argparse.Namespace) -> dict:
     return result
 
 
+# ---- 3. against `mlflow models serve` -------------------------------------------------------
+
+
+def invocation_requests(x: np.ndarray, host: str) -> list[bytes]:
+    """POST /invocations requests, one image each, JSON {"inputs": [[C × S × S]]} rounded to 4
+    decimals (as a client would send them; it changes no prediction here)."""
+    head = "POST /invocations HTTP/1.1\r\nHost: {}\r\nContent-Type: application/json\r\n"
+    head += "Content-Length: {}\r\n\r\n"
+    bodies = [
+        json.dumps({"inputs": np.round(row[None].astype(np.float64), 4).tolist()}).encode() for row in x
+    ]
+    return [head.format(host, len(body)).encode() + body for body in bodies]
+
+
+async def open_loop(host: str, port: int, requests: list[bytes], rate: float, seconds: float) -> dict:
+    """Requests due at a constant `rate`, each on an idle keep-alive connection (a new one when
+    none is idle); latency counts from when a request was due, not from when it could be sent."""
+    idle: list[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = []
+    opened: list[asyncio.StreamWriter] = []
+    record = {"latencies": [], "errors": []}
+    started = time.perf_counter() + 0.1
+    count = int(rate * seconds)
+
+    async def connect():
+        reader, writer = await asyncio.open_connection(host, port)
+        opened.append(writer)
+        return reader, writer
+
+    async def one(i: int) -> None:
+        due = started + i / rate
+        await asyncio.sleep(max(0.0, due - time.perf_counter()))
+        reused = bool(idle)
+        reader, writer = idle.pop() if reused else await connect()
+        writer.write(requests[i % len(requests)])
+        try:
+            status, body = await read_response(reader)
+        except (asyncio.IncompleteReadError, ConnectionError) as exc:
+            if not reused:
+                record["errors"].append(repr(exc))
+                return
+            # the server closed an idle keep-alive connection (uvicorn: after 5 s): resend on a new
+            # one, as HTTP clients do; the time lost still counts, from when the request was due
+            reader, writer = await connect()
+            writer.write(requests[i % len(requests)])
+            try:
+                status, body = await read_response(reader)
+            except (asyncio.IncompleteReadError, ConnectionError) as again:
+                record["errors"].append(f"{exc!r}, then {again!r}")
+                return
+        record["latencies"].append(time.perf_counter() - due)
+        if status != 200 or b'"predictions"' not in body:
+            record["errors"].append(f"{status}: {body[:200]!r}")
+        idle.append((reader, writer))
+
+    tasks = [asyncio.create_task(one(i)) for i in range(count)]
+    done, late = await asyncio.wait(tasks, timeout=seconds + 30)  # what is not answered by then failed
+    for task in late:
+        task.cancel()
+    for writer in opened:
+        writer.close()
+    latencies = record["latencies"]
+    return {
+        "rate_per_s": rate,
+        "requests": count,
+        "answered": len(latencies),
+        "unanswered_after_30s": len(late),
+        "latency_ms_p50": 1e3 * percentile(latencies, 50) if latencies else None,
+        "latency_ms_p99": 1e3 * percentile(latencies, 99) if latencies else None,
+        "errors": len(record["errors"]) + len(late),
+        "first_errors": record["errors"][:3],
+    }
+
+
+def start_mlflow(model_uri: str, log: Path, env: dict, workers: int) -> tuple[subprocess.Popen, str, int]:
+    """`mlflow models serve` as a user runs it: the local environment, its scoring server."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    mlflow = str(Path(sys.executable).parent / "mlflow")
+    command = [mlflow, "models", "serve", "-m", model_uri, "--env-manager", "local"]
+    command += ["-h", "127.0.0.1", "-p", str(port), "-w", str(workers)]
+    with open(log, "w") as out:
+        process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=env)
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and process.poll() is None:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/ping", timeout=2) as answer:
+                if answer.status == 200:
+                    return process, "127.0.0.1", port
+        except OSError:
+            time.sleep(0.5)
+    process.kill()
+    raise SystemExit(f"bench_serve: mlflow models serve did not start:\n{log.read_text()[-3000:]}")
+
+
+def registered_version(model_uri: str, tracking_uri: str) -> tuple[str, str]:
+    """(name, version) that a models:/name@alias or models:/name/version names now."""
+    from alexops.serving.model import ModelSource, parse_model_uri
+
+    ref = parse_model_uri(model_uri)
+    if ref.name is None:
+        raise SystemExit(
+            "bench_serve: --registered-model must be models:/<name>@<alias> or models:/<name>/<version>"
+        )
+    return ref.name, ModelSource(ref, tracking_uri).current_version()
+
+
+def measure_vs_mlflow(paths: Paths, args: argparse.Namespace, tracking_uri: str) -> dict:
+    from alexops.serving.model import ModelSource, parse_model_uri
+
+    name, version = registered_version(args.registered_model, tracking_uri)
+    uri = f"models:/{name}/{version}"  # both serve exactly this version
+    model = ModelSource(parse_model_uri(uri), tracking_uri).load()
+    images, _ = load_split(paths.prepared / "test.pt")
+    x = augment.preprocess(images[:256], model.recipe).numpy()
+    env = dict(
+        os.environ,
+        MLFLOW_TRACKING_URI=tracking_uri,
+        PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}",
+    )
+    results = {"model": uri, "mlflow_workers": args.mlflow_workers, "closed": {}, "open": {}}
+    with tempfile.TemporaryDirectory() as tmp:
+        servers = {
+            "mlflow": start_mlflow(uri, Path(tmp) / "mlflow.log", env, args.mlflow_workers),
+            "alexops": start_server(uri, Path(tmp) / "alexops.log", ["--reload-interval", "0"], env),
+        }
+        try:
+            requests = {k: invocation_requests(x, f"{host}:{port}") for k, (_, host, port) in servers.items()}
+            for key, (_, host, port) in servers.items():  # warm-up, not reported
+                asyncio.run(load(host, port, requests[key], args.clients, 3.0))
+            for r in range(args.rounds):
+                for key in sorted(servers, reverse=r % 2 == 1):  # alternate who goes first
+                    _, host, port = servers[key]
+                    settle()
+                    result = asyncio.run(load(host, port, requests[key], args.clients, args.round_seconds))
+                    results["closed"].setdefault(key, []).append(result)
+                    print(f"  closed loop, round {r + 1}, {key:7s}: {summary(result)}", flush=True)
+            rate = 0.8 * statistics.median(r["requests_per_s"] for r in results["closed"]["mlflow"])
+            results["open_rate_per_s"] = rate
+            for r in range(args.rounds):
+                for key in sorted(servers, reverse=r % 2 == 1):
+                    _, host, port = servers[key]
+                    settle()
+                    result = asyncio.run(open_loop(host, port, requests[key], rate, args.round_seconds))
+                    results["open"].setdefault(key, []).append(result)
+                    print(
+                        f"  open loop at {rate:.0f}/s, round {r + 1}, {key:7s}: {summary(result)}", flush=True
+                    )
+        finally:
+            for process, _, _ in servers.values():
+                process.terminate()
+                process.wait(timeout=60)
+    results["summary"] = vs_mlflow_summary(results)
+    return results
+
+
+def summary(result: dict) -> str:
+    rate = f"{result['requests_per_s']:.0f} req/s, " if "requests_per_s" in result else ""
+    p50, p99 = result["latency_ms_p50"], result["latency_ms_p99"]
+    times = f"p50 {p50:.1f} ms, p99 {p99:.1f} ms" if p50 is not None else "no answers"
+    return f"{rate}{times}, {result['errors']} errors"
+
+
+def vs_mlflow_summary(results: dict) -> dict:
+    closed, opened = results["closed"], results["open"]
+    med = statistics.median
+
+    def per_round(table: dict, key: str) -> list[float]:
+        return [a[key] / m[key] for a, m in zip(table["alexops"], table["mlflow"], strict=True)]
+
+    out = {}
+    for side in ("alexops", "mlflow"):
+        out[f"closed_{side}_requests_per_s"] = med(r["requests_per_s"] for r in closed[side])
+        out[f"closed_{side}_p50_ms"] = med(r["latency_ms_p50"] for r in closed[side])
+        out[f"closed_{side}_p99_ms"] = med(r["latency_ms_p99"] for r in closed[side])
+        out[f"closed_{side}_errors"] = sum(r["errors"] for r in closed[side])
+        answered = [r for r in opened[side] if r["latency_ms_p99"] is not None]
+        out[f"open_{side}_p50_ms"] = med(r["latency_ms_p50"] for r in answered) if answered else None
+        out[f"open_{side}_p99_ms"] = med(r["latency_ms_p99"] for r in answered) if answered else None
+        out[f"open_{side}_errors"] = sum(r["errors"] for r in opened[side])
+    ratios = per_round(closed, "requests_per_s")
+    out |= {
+        "closed_speedup_median": med(ratios),
+        "closed_speedup_min": min(ratios),
+        "closed_speedup_max": max(ratios),
+    }
+    out["open_rate_per_s"] = results["open_rate_per_s"]
+    return out
+
+
 # ---- main ---------------------------------------------------------------------------------
 
 
@@ -319,32 +524,50 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--serve-model", choices=("fp32", "int8"), default="fp32")
     parser.add_argument("--max-batch-size", type=int, default=64)
     parser.add_argument("--max-wait-ms", type=float, default=5.0)
-    parser.add_argument("--skip-load", action="store_true", help="only the model comparison")
+    parser.add_argument("--skip-models", action="store_true", help="no eager/onnxruntime/int8 comparison")
+    parser.add_argument("--skip-load", action="store_true", help="no /v1 load test")
+    parser.add_argument("--skip-mlflow", action="store_true", help="no comparison with mlflow models serve")
+    parser.add_argument(
+        "--registered-model", default=None,
+        help="models:/<name>@<alias> or /<version> to compare with MLflow (default: the params' @champion)",
+    )  # fmt: skip
+    parser.add_argument("--rounds", type=int, default=3, help="turns each server takes (default 3)")
+    parser.add_argument("--round-seconds", type=float, default=10.0, help="length of a turn (default 10)")
+    parser.add_argument(
+        "--mlflow-workers", type=int, default=1, help="mlflow models serve -w (default 1, its own)"
+    )
     parser.add_argument("--quick", action="store_true", help="fewer repeats (a smoke run)")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
     args = parser.parse_args(argv)
     root = args.root.resolve()
     loaded = params.load(args.params or root / "params.yaml")
     paths = Paths(root, loaded.base.dataset)
-    missing = [p for p in (paths.model, paths.onnx, paths.prepared / "test.pt") if not p.exists()]
+    needed = [paths.prepared / "test.pt"] + (
+        [] if args.skip_models and args.skip_load else [paths.model, paths.onnx]
+    )
+    missing = [p for p in needed if not p.exists()]
     if missing:
         print(f"bench_serve: {', '.join(map(str, missing))} missing. Run `make run` first.", file=sys.stderr)
         return 2
-    if args.serve_model == "int8" and not paths.int8_onnx.exists():
+    if args.serve_model == "int8" and not args.skip_load and not paths.int8_onnx.exists():
         print(f"bench_serve: {paths.int8_onnx} missing. Run `dvc repro quantize` first.", file=sys.stderr)
         return 2
-    print(f"models on {machine()['cpu']}, {os.cpu_count()} CPUs:")
-    models = measure_models(paths, args.quick)
-    compared = ratios(models)
-    for name, value in compared.items():
-        if not name.endswith(("_min", "_max")):
-            spread = (
-                f" ({compared[name + '_min']:.2f}–{compared[name + '_max']:.2f} by round)"
-                if name + "_min" in compared
-                else ""
-            )
-            print(f"  {name}: {value:.2f}{spread}")
-    payload = {"machine": machine(), "goals": GOALS, "models": models, "ratios": compared}
+    # sections not measured in this run keep their figures from the last run that measured them
+    payload = json.loads(args.out.read_text()) if args.out.exists() else {}
+    payload |= {"machine": machine(), "goals": GOALS}
+    if not args.skip_models:
+        print(f"models on {machine()['cpu']}, {os.cpu_count()} CPUs:")
+        models = measure_models(paths, args.quick)
+        compared = ratios(models)
+        for name, value in compared.items():
+            if not name.endswith(("_min", "_max")):
+                spread = (
+                    f" ({compared[name + '_min']:.2f}–{compared[name + '_max']:.2f} by round)"
+                    if name + "_min" in compared
+                    else ""
+                )
+                print(f"  {name}: {value:.2f}{spread}")
+        payload |= {"models": models, "ratios": compared}
     if not args.skip_load:
         payload["load"] = measure_load(paths, args)
         r = payload["load"]
@@ -353,6 +576,26 @@ def main(argv: list[str] | None = None) -> int:
             f"{r['requests_per_s']:.0f} req/s, "
             f"p50 {r['latency_ms_p50']:.1f} ms, p99 {r['latency_ms_p99']:.1f} ms, {r['errors']} errors, "
             f"mean batch {r['server_mean_batch_size']}"
+        )
+    if not args.skip_mlflow:
+        registered = (
+            args.registered_model or f"models:/{loaded.register.model_prefix}-{loaded.base.dataset}@champion"
+        )
+        args.registered_model = registered
+        print(f"against mlflow models serve ({registered}, POST /invocations, {args.clients} clients):")
+        compared = measure_vs_mlflow(paths, args, tracking.tracking_uri(root))
+        payload["vs_mlflow"] = compared | {"machine": machine()}
+        r = payload["vs_mlflow"]["summary"]
+        print(
+            f"  closed loop: alexops {r['closed_alexops_requests_per_s']:.0f} req/s "
+            f"(p99 {r['closed_alexops_p99_ms']:.1f} ms) "
+            f"vs mlflow {r['closed_mlflow_requests_per_s']:.0f} req/s "
+            f"(p99 {r['closed_mlflow_p99_ms']:.1f} ms): {r['closed_speedup_median']:.1f}× "
+            f"({r['closed_speedup_min']:.1f}–{r['closed_speedup_max']:.1f}× by round)"
+        )
+        print(
+            f"  open loop at {r['open_rate_per_s']:.0f} req/s: p99 alexops {r['open_alexops_p99_ms']} ms, "
+            f"mlflow {r['open_mlflow_p99_ms']} ms"
         )
     files.write_json(args.out, payload)
     print(f"wrote {args.out}")

@@ -27,9 +27,12 @@ import pytest
 import torch
 from PIL import Image
 
-from alexops import augment, export, inference, serve
+from alexops import augment, export
+from alexops import images as decoder
 from alexops.errors import AlexopsError
 from alexops.model import AlexNet
+from alexops.serving import batcher, inputs, metrics
+from alexops.serving import model as serving
 
 CLASSES = [f"c{i}" for i in range(10)]
 RECIPE = augment.Recipe.create(67, 256 / 224, [0.3], [0.35])
@@ -143,11 +146,19 @@ def session(models) -> ort.InferenceSession:
     return ort.InferenceSession(str(models["v1"]), providers=["CPUExecutionProvider"])
 
 
-def preprocessed(path: Path, channels: int = 1) -> np.ndarray:
-    """What the server must feed the model for this file: the training code's test view."""
+def preprocessed(path: Path) -> np.ndarray:
+    """What the server must feed the model for this file: gray pixels as a viewer shows them (16-bit
+    scaled by 65535, transparency over white: these models declare no dataset), in the training
+    code's test view."""
     with Image.open(path) as image:
-        pixels = np.asarray(image.convert({1: "L", 3: "RGB"}[channels]))
-    tensor = torch.from_numpy(pixels.copy())[None, None]
+        if image.mode == "I;16":
+            pixels = np.floor(np.asarray(image).astype(float) * 255 / 65535 + 0.5)
+        elif image.mode == "RGBA":
+            gray, alpha = np.asarray(image.convert("LA")).astype(float).transpose(2, 0, 1)
+            pixels = np.floor((gray * alpha + 255 * (255 - alpha)) / 255 + 0.5)
+        else:
+            pixels = np.asarray(image.convert("L"))
+    tensor = torch.from_numpy(pixels.astype(np.uint8))[None, None]
     return augment.preprocess(tensor, RECIPE).numpy()
 
 
@@ -250,26 +261,26 @@ def test_concurrent_requests_all_answer_and_every_input_is_run_once(server, sess
 def test_the_batcher_merges_waiting_requests_and_keeps_each_models_inputs_apart(models):
     """In process, deterministic: requests submitted together run as batches of at most 8, each
     on the model it was submitted for, and every request gets its own rows back."""
-    source = inference.ModelSource(inference.parse_model_uri(str(models["v1"])), "unused")
+    source = serving.ModelSource(serving.parse_model_uri(str(models["v1"])), "unused")
     v1 = source.load()
-    v2 = inference.ModelSource(inference.parse_model_uri(str(models["v2"])), "unused").load()
+    v2 = serving.ModelSource(serving.parse_model_uri(str(models["v2"])), "unused").load()
     x = np.random.default_rng(1).standard_normal((20, 1, 67, 67)).astype(np.float32)
-    metrics = serve.Metrics()
+    recorded = metrics.Metrics()
 
     async def submit_all():
-        batcher = serve.MicroBatcher(8, 0.05, metrics)
-        batcher.start()
+        merging = batcher.MicroBatcher(8, 0.05, recorded)
+        merging.start()
         try:
             return await asyncio.gather(
-                *(batcher.submit(v1 if i % 2 else v2, x[i : i + 1]) for i in range(20))
+                *(merging.submit(v1 if i % 2 else v2, x[i : i + 1]) for i in range(20))
             )
         finally:
-            await batcher.stop()
+            await merging.stop()
 
     results = asyncio.run(submit_all())
     for i, logits in enumerate(results):
         assert np.allclose(logits, (v1 if i % 2 else v2).logits(x[i : i + 1]), atol=1e-5)
-    calls = metrics.batch_size.collect()[0].samples
+    calls = recorded.batch_size.collect()[0].samples
     count = next(s.value for s in calls if s.name.endswith("_count"))
     total = next(s.value for s in calls if s.name.endswith("_sum"))
     assert total == 20 and count == 6  # batches of 8, 8, 4 inputs, each split by model
@@ -278,11 +289,11 @@ def test_the_batcher_merges_waiting_requests_and_keeps_each_models_inputs_apart(
 def test_images_are_converted_to_the_models_channel_count():
     gray = png(Image.fromarray(np.arange(600, dtype=np.uint8).reshape(20, 30)))
     rgba = png(Image.new("RGBA", (8, 6), (10, 20, 30, 0)))
-    as_rgb = inference.decode_image(gray, 3, MAX_PIXELS)
-    assert as_rgb.shape == (1, 3, 20, 30) and as_rgb.dtype == torch.uint8
-    assert torch.equal(as_rgb[0, 0], as_rgb[0, 2]) and as_rgb[0, 0, 0, 5] == 5  # gray copied to R, G, B
-    assert inference.decode_image(rgba, 3, MAX_PIXELS)[0, :, 0, 0].tolist() == [10, 20, 30]  # alpha dropped
-    assert inference.decode_image(rgba, 1, MAX_PIXELS).shape == (1, 1, 6, 8)
+    as_rgb = decoder.decode(gray, 3, max_pixels=MAX_PIXELS)
+    assert as_rgb.shape == (3, 20, 30) and as_rgb.dtype == np.uint8
+    assert np.array_equal(as_rgb[0], as_rgb[2]) and as_rgb[0, 0, 5] == 5  # gray copied to R, G, B
+    assert decoder.decode(rgba, 3, background=(1, 2, 3))[:, 0, 0].tolist() == [1, 2, 3]  # transparent
+    assert decoder.decode(rgba, 1).shape == (1, 6, 8)
 
 
 def test_a_colour_model_predicts_gray_and_colour_images_as_onnxruntime_does(tmp_path):
@@ -291,7 +302,7 @@ def test_a_colour_model_predicts_gray_and_colour_images_as_onnxruntime_does(tmp_
     net = AlexNet(3, 10, image_size=67, width=0.125, init="kaiming").eval()
     proto = export.to_onnx(net, torch.zeros(2, 3, 67, 67), opset=18)
     export.add_metadata(proto, CLASSES, recipe.as_dict(), {"width": 0.125})
-    model = inference.load_model(proto.SerializeToString(), name="rgb", version=None, uri="rgb.onnx")
+    model = serving.load_model(proto.SerializeToString(), name="rgb", version=None, uri="rgb.onnx")
     rng = np.random.default_rng(3)
     pictures = {
         "gray.png": Image.fromarray(rng.integers(0, 255, (40, 30), dtype=np.uint8)),
@@ -300,7 +311,7 @@ def test_a_colour_model_predicts_gray_and_colour_images_as_onnxruntime_does(tmp_
     encoded = [
         (label, png(image, "JPEG" if label.endswith("jpg") else "PNG")) for label, image in pictures.items()
     ]
-    records = inference.predict_images(model, encoded, k=10, max_pixels=MAX_PIXELS)
+    records = inputs.predict_images(model, encoded, k=10, max_pixels=MAX_PIXELS)
     session = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
     for (label, data), record in zip(encoded, records, strict=True):
         rgb = np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))  # gray → R = G = B
@@ -315,14 +326,14 @@ def test_a_colour_model_predicts_gray_and_colour_images_as_onnxruntime_does(tmp_
      ("models:/alexnet-fashion-mnist/3", "alexnet-fashion-mnist", None, "3")],
 )  # fmt: skip
 def test_model_uris_name_an_alias_or_a_version(uri, name, alias, version):
-    ref = inference.parse_model_uri(uri)
+    ref = serving.parse_model_uri(uri)
     assert (ref.name, ref.alias, ref.version, ref.follows_alias) == (name, alias, version, alias is not None)
 
 
 @pytest.mark.parametrize("uri", ["models:/alexnet", "models:/@champion", "models:/a/b/c", "models:/a/latest"])
 def test_malformed_model_uris_are_one_clear_error(uri):
     with pytest.raises(AlexopsError, match=r"expected models:/<name>@<alias>"):
-        inference.parse_model_uri(uri)
+        serving.parse_model_uri(uri)
 
 
 # ---- bad input ----------------------------------------------------------------------------
@@ -368,6 +379,9 @@ BAD_REQUESTS = {
     "json ragged": (dict(json={"inputs": [[[0.0, 1.0], [0.0]]]}), 400, "rectangular"),
     "json strings": (dict(json={"inputs": [[["a"] * 67] * 67]}), 400, "numbers only"),
     "json booleans": (dict(json={"inputs": [[[True] * 67] * 67]}), 400, "true/false"),
+    "json numbers as strings": (dict(json={"inputs": [[["0.5"] * 67] * 67]}), 400, "numbers only"),
+    "json a boolean among numbers": (dict(json={"inputs": [[[0.5] * 66 + [False]] * 67]}), 400, "true/false"),
+    "json null among numbers": (dict(json={"inputs": [[[0.5] * 66 + [None]] * 67]}), 400, "null"),
     "json NaN": (
         dict(headers={"content-type": "application/json"}, content=b'{"inputs": [NaN]}'), 400, "NaN",
     ),
@@ -432,7 +446,12 @@ def test_openapi_schema_fuzzed_by_schemathesis_finds_no_server_error(server):
 
             call()
             fuzzed.add(f"{operation.method.upper()} {operation.path}")
-    assert fuzzed == {"GET /healthz", "GET /readyz", "GET /v1/model", "GET /metrics", "POST /v1/predict"}
+    v1 = {"GET /healthz", "GET /readyz", "GET /v1/model", "GET /metrics", "POST /v1/predict"}
+    models = "/v2/models/{name}"
+    v2 = {"GET /v2", "GET /v2/health/live", "GET /v2/health/ready", f"GET {models}", f"GET {models}/ready"}
+    v2 |= {f"GET {models}/versions/{{version}}", f"GET {models}/versions/{{version}}/ready"}
+    v2 |= {f"POST {models}/infer", f"POST {models}/versions/{{version}}/infer"}
+    assert fuzzed == v1 | v2 | {"POST /invocations"}  # MLflow's /ping and /version bodies are not JSON
     assert httpx.get(f"{server.url}/readyz").status_code == 200
 
 
@@ -586,3 +605,87 @@ def wait_for(condition, what: str, timeout_s: float = 90) -> None:
         if time.monotonic() > deadline:
             raise AssertionError(f"gave up waiting for {what}")
         time.sleep(0.05)
+
+
+# ---- a drop-in for `mlflow models serve` ----------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def mlflow_server(registry, tmp_path_factory):
+    """`mlflow models serve` on registered version 1 (the `server` fixture's model file)."""
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    env = dict(
+        os.environ,
+        MLFLOW_TRACKING_URI=registry[0],
+        PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}",
+    )
+    log = tmp_path_factory.mktemp("mlflow-serve") / "mlflow.log"
+    command = [
+        str(Path(sys.executable).parent / "mlflow"),
+        "models",
+        "serve",
+        "-m",
+        f"models:/{REGISTERED}/1",
+    ]
+    command += ["--env-manager", "local", "-h", "127.0.0.1", "-p", str(port)]
+    with open(log, "w") as out:
+        process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=env)
+    url = f"http://127.0.0.1:{port}"
+    wait_for(
+        lambda: process.poll() is not None or _answers(f"{url}/ping"), "mlflow models serve", START_TIMEOUT_S
+    )
+    assert process.poll() is None, log.read_text()
+    yield url
+    process.terminate()
+    process.wait(timeout=60)
+
+
+def _answers(url: str) -> bool:
+    try:
+        return httpx.get(url, timeout=2).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+def test_invocations_answer_what_mlflow_models_serve_answers(server, mlflow_server, images):
+    """The same requests to both servers: the same predictions, and a 4xx from both where MLflow refuses."""
+    x = np.concatenate([preprocessed(images["gray.png"]), preprocessed(images["photo.jpg"])])
+    accepted = {
+        "inputs": {"inputs": x.tolist()},
+        "inputs by name": {"inputs": {"image": x.tolist()}},
+        "instances": {"instances": x.tolist()},
+        "instances of objects": {"instances": [{"image": row.tolist()} for row in x]},
+        "params": {"inputs": x.tolist(), "params": {"unused": 1}},
+    }
+    for form, body in accepted.items():
+        theirs, ours = (
+            httpx.post(f"{url}/invocations", json=body, timeout=60) for url in (mlflow_server, server.url)
+        )
+        assert theirs.status_code == ours.status_code == 200, (form, theirs.text[:300], ours.text[:300])
+        assert set(ours.json()) == set(theirs.json()) == {"predictions"}
+        assert set(ours.json()["predictions"]) == set(theirs.json()["predictions"]) == {"logits"}
+        assert np.allclose(
+            ours.json()["predictions"]["logits"], theirs.json()["predictions"]["logits"], atol=1e-4
+        )
+    refused = [
+        {"inputs": np.zeros((1, 1, 5, 5)).tolist()},
+        {"data": []},
+        [1, 2],
+        {"inputs": [[["a"] * 67] * 67]},
+    ]
+    for body in refused:
+        theirs, ours = (
+            httpx.post(f"{url}/invocations", json=body, timeout=60) for url in (mlflow_server, server.url)
+        )
+        assert 400 <= ours.status_code < 500 and 400 <= theirs.status_code < 500, (body, theirs.text[:200])
+        assert {"error_code", "message"} <= set(theirs.json()) and set(ours.json()) == {
+            "error_code",
+            "message",
+        }
+    for path in ("/ping", "/health", "/version"):
+        theirs, ours = (httpx.get(f"{url}{path}") for url in (mlflow_server, server.url))
+        assert (ours.status_code, ours.text) == (theirs.status_code, theirs.text), path

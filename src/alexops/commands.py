@@ -13,6 +13,7 @@ from pathlib import Path
 
 NAMES = ("serve", "predict")
 DEFAULT_MAX_PIXELS = 4096 * 4096
+CAPTURE_MODES = ("auto", "dataset", "none")  # alexops.images.CAPTURE_MODES, without importing it here
 MODEL_URI_HELP = (
     "models:/<name>@<alias>, models:/<name>/<version> or a path to an .onnx file "
     "(default: models:/<the params' registered model>@champion, from MLFLOW_TRACKING_URI or ./mlflow.db)"
@@ -41,6 +42,11 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     predict = sub.add_parser("predict", help="top-k classes of image files, one JSON line per image")
     _model_arguments(predict)
     predict.add_argument("--top-k", type=_positive(int), default=5, help="classes per image (default: 5)")
+    predict.add_argument(
+        "--capture", choices=CAPTURE_MODES, default="auto",
+        help="bring photos into the dataset's form (its capture recipe, in the model's metadata): "
+        "auto (when an image is not in that form already; default), dataset (always), none (never)",
+    )  # fmt: skip
     predict.add_argument("images", nargs="+", type=Path, metavar="IMAGE", help="image files (PNG, JPEG, ...)")
 
 
@@ -61,9 +67,9 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from alexops import serve
+    from alexops.serving import app, state
 
-    options = serve.ServeOptions(
+    options = state.ServeOptions(
         host=args.host,
         port=args.port,
         max_batch_size=args.max_batch_size,
@@ -73,29 +79,30 @@ def _serve(args: argparse.Namespace) -> int:
         max_body_mb=args.max_body_mb,
     )
     try:
-        serve.serve(model_source(args), options)
+        app.serve(model_source(args), options)
     except KeyboardInterrupt:  # uvicorn re-raises Ctrl-C once it has shut down gracefully
         print("alexops serve: stopped", file=sys.stderr)
     return 0
 
 
 def _predict(args: argparse.Namespace) -> int:
-    from alexops import inference
+    from alexops.serving import inputs
 
-    images = [(str(path), inference.read_image(path)) for path in args.images]  # unreadable: fail first
-    inference.configure_pillow(args.max_pixels)
+    images = [(str(path), inputs.read_image(path)) for path in args.images]  # unreadable: fail first
+    inputs.configure_pillow(args.max_pixels)
     model = model_source(args).load()
-    for record in inference.predict_images(model, images, args.top_k, args.max_pixels):
+    for record in inputs.predict_images(model, images, args.top_k, args.max_pixels, args.capture):
         print(json.dumps(record), flush=True)
     return 0
 
 
 def model_source(args: argparse.Namespace):
-    from alexops import inference, tracking
+    from alexops import tracking
+    from alexops.serving import model
 
     uri = args.model_uri or default_model_uri(Path(args.params))
-    return inference.ModelSource(
-        inference.parse_model_uri(uri), tracking.tracking_uri(Path(args.root)), threads=args.threads
+    return model.ModelSource(
+        model.parse_model_uri(uri), tracking.tracking_uri(Path(args.root)), threads=args.threads
     )
 
 

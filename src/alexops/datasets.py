@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 from alexops.errors import AlexopsError
+from alexops.images import NO_CAPTURE, Capture
 
 Split = tuple[torch.Tensor, torch.Tensor]
 
@@ -64,6 +65,9 @@ class DatasetSpec:
     default_mirrors: tuple[str, ...]
     read: Callable[[Path, str], Split]  # (raw directory, "train" | "test") → images, labels
     offline_fix: str  # how to get the files without a network, for fetch's error message
+    # How the dataset's images were made from photos; exported into the model's metadata, so that
+    # the server can bring a user's photo into the same form (alexops.images.capture).
+    capture: Capture = NO_CAPTURE
 
 
 # --- IDX: the MNIST family --------------------------------------------------------------------
@@ -305,6 +309,21 @@ FASHION_MNIST = DatasetSpec(
         "files in /usr/share/datasets/fashion-mnist) or copy the files into a directory and list "
         "it first under fetch.mirrors in params.yaml"
     ),
+    capture=Capture(
+        kind="catalogue",
+        background=(0,),
+        backdrop=(253, 253, 253),  # #fdfdfd
+        size=28,
+        source="Xiao, Rasul & Vollgraf 2017, Fashion-MNIST, section 2 (arXiv:1708.07747)",
+        steps=(
+            "trim the edges close to the corner colour (5% of full intensity)",
+            "fit the longest edge to 28 px",
+            "sharpen (Gaussian, radius and sigma 1.0)",
+            "extend to 28x28 with the object centred",
+            "negate (light object on black)",
+            "8-bit grayscale",
+        ),
+    ),
 )
 
 CIFAR10 = DatasetSpec(
@@ -323,6 +342,12 @@ CIFAR10 = DatasetSpec(
         f"from {CIFAR10_URL}/{CIFAR10_ARCHIVE}, then copy it into /usr/share/datasets/cifar10 or "
         "into a directory listed under fetch.mirrors in params.yaml (a mirror may also be the "
         "archive's own path)"
+    ),
+    capture=Capture(
+        kind="photo",
+        background=(255, 255, 255),  # as a web page shows a transparent image; the photos came from the web
+        source="Krizhevsky 2009, Learning Multiple Layers of Features from Tiny Images, section 3: "
+        "natural colour photos downscaled to 32x32",
     ),
 )
 

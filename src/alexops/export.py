@@ -15,7 +15,7 @@ import numpy as np
 import onnx
 import torch
 
-from alexops import files, tracking
+from alexops import datasets, files, tracking
 from alexops.errors import AlexopsError
 from alexops.model import load_trained
 from alexops.params import ExportParams, Params
@@ -90,8 +90,12 @@ def export(params: Params, paths: Paths) -> dict:
     example = torch.zeros(2, *shape)  # traced at batch 2 so that the batch axis stays symbolic
     try:
         proto = to_onnx(model, example, params.export.opset)
+        capture = json.dumps(datasets.spec(params.base.dataset).capture.as_dict())  # how its images were made
         add_metadata(
-            proto, classes, recipe.as_dict(), {"width": config["width"], "dataset": params.base.dataset}
+            proto,
+            classes,
+            recipe.as_dict(),
+            {"width": config["width"], "dataset": params.base.dataset, "capture": capture},
         )
         onnx.checker.check_model(proto)
     except Exception as exc:  # the exporter and checker raise many kinds; none is the user's data
