@@ -163,6 +163,17 @@ def test_palette_cmyk_and_channel_conversions_follow_pillow(upright):
     assert np.abs(images.decode(cmyk.getvalue(), 3).astype(int) - rgb.transpose(2, 0, 1)).max() <= 1
 
 
+def test_colour_spaces_without_a_direct_conversion_and_broken_exif_still_decode(upright):
+    rgb = Image.fromarray(np.dstack([upright, upright[::-1], upright[:, ::-1]]))
+    for mode in ("LAB", "YCbCr", "CMYK"):
+        buffer = io.BytesIO()
+        rgb.convert(mode).save(buffer, "TIFF")
+        expected = np.asarray(rgb.convert(mode).convert("RGB").convert("L")).astype(int)
+        assert np.abs(images.decode(buffer.getvalue(), 1)[0].astype(int) - expected).max() <= 1, mode
+    broken = encode(upright, "JPEG", exif=b"Exif\x00\x00MM\x00*\x00\x00\x00\x08\x00\x05\x01\x12\x00")
+    assert images.decode(broken, 1).shape == (1, 20, 30)  # shown as stored, as viewers do
+
+
 @pytest.mark.parametrize("fmt", ["GIF", "PNG", "WEBP"])
 def test_an_animated_image_decodes_to_its_first_frame(fmt):
     frames = [Image.new("L", (8, 6), 40), Image.new("L", (8, 6), 200)]

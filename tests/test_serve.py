@@ -585,6 +585,8 @@ def test_hot_reload_under_concurrent_requests_fails_none(registry, models, image
             t.join()
         info = httpx.get(f"{running.url}/v1/model").json()
         metrics = httpx.get(f"{running.url}/metrics").text
+        v2 = {v: httpx.get(f"{running.url}/v2/models/{REGISTERED}/versions/{v}/ready") for v in ("1", "2")}
+        metadata = httpx.get(f"{running.url}/v2/models/{REGISTERED}").json()
         stop_server(running)
     every = [o for mine in outcomes for o in mine]
     assert all(status == 200 for status, _, _ in every), [o for o in every if o[0] != 200][:5]
@@ -594,6 +596,10 @@ def test_hot_reload_under_concurrent_requests_fails_none(registry, models, image
         assert versions == sorted(versions)
     assert all(best == top1[version] for _, version, best in every)  # each answer came from its version
     assert info["version"] == "2" and info["uri"] == f"models:/{REGISTERED}@champion"
+    assert v2["2"].json() == {"name": REGISTERED, "ready": True} and metadata["versions"] == ["2"]
+    assert (
+        v2["1"].status_code == 404 and "serves version 2" in v2["1"].json()["error"]
+    )  # the Open Inference Protocol
     assert metric(metrics, "alexops_model_reloads_total") == 1
     assert "moved from version 1 to 2" in running.output()
 

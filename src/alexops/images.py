@@ -27,6 +27,7 @@ from __future__ import annotations
 import functools
 import io
 import math
+import struct
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 
@@ -162,23 +163,41 @@ def _layers(image: Image.Image, channels: int) -> Layers:
     if deep:  # the file's own declarations; the transposed copy below has lost its format and tags
         image.load()
         declared = Declared(image.format, dict(getattr(image, "tag_v2", {}) or {}))
-    image = ImageOps.exif_transpose(image)  # a new, loaded image
+    image = upright(image)
     if deep:
         gray, alpha = _deep_gray(image, declared)
         colour = gray[None] if channels == 1 else np.repeat(gray[None], 3, axis=0)
         return Layers(_own(colour), alpha)
     mode = MODES[channels]
     if _has_transparency(image):
-        pixels = np.asarray(image.convert("RGBA").convert(f"{mode}A" if mode == "L" else "RGBA"))
+        if image.mode == "La":  # premultiplied gray: Pillow converts it to LA only
+            image = image.convert("LA")
+        pixels = np.asarray(_convert(_convert(image, "RGBA"), f"{mode}A" if mode == "L" else "RGBA"))
         colour, alpha = pixels[..., :-1], pixels[..., -1]
         if alpha.min() == 255:
             alpha = None
     else:
-        if image.mode == "CMYK" and mode == "L":
-            image = image.convert("RGB")  # Pillow has no direct CMYK → L
-        colour, alpha = np.asarray(image.convert(mode)), None
+        colour, alpha = np.asarray(_convert(image, mode)), None
     colour = colour[None] if colour.ndim == 2 else colour.transpose(2, 0, 1)
     return Layers(_own(colour), None if alpha is None else _own(alpha))
+
+
+def upright(image: Image.Image) -> Image.Image:
+    """The image as viewers show it: its EXIF orientation applied (a new, loaded image). EXIF that
+    cannot be read is ignored, as viewers ignore it: the pixels are shown as stored."""
+    try:
+        return ImageOps.exif_transpose(image)
+    except (SyntaxError, ValueError, TypeError, struct.error, KeyError):  # Pillow's EXIF parser's errors
+        image.load()
+        return image.copy()
+
+
+def _convert(image: Image.Image, mode: str) -> Image.Image:
+    """Pillow's conversion, through RGB(A) where it has no direct one (CMYK → L, LAB → L)."""
+    try:
+        return image.convert(mode)
+    except ValueError:
+        return image.convert("RGBA" if mode.endswith("A") else "RGB").convert(mode)
 
 
 def _own(array: np.ndarray) -> np.ndarray:
