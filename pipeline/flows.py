@@ -178,12 +178,16 @@ class StageLog:
         return StageFailed(self.stage, message, self.exit_code if self.exit_code is not None else returncode)
 
 
+# DVC's `ERROR:`, a stage's `alexops <stage>: error:`, a library's log line (`<date> <time> ERROR`),
+# a traceback; DVC's and libraries' warnings, and Python's (`file.py:148: UserWarning: ...`)
+ERROR_LINE = re.compile(r"^(ERROR\b|alexops [\w-]+: error:|\S+ \S+ ERROR\b|Traceback \()")
+WARNING_LINE = re.compile(r"^(WARNING\b|\S+ \S+ WARNING\b|\S+:\d+: \w*Warning: )")
+
+
 def _level(line: str) -> int:
-    if line.startswith("ERROR") or re.match(r"^alexops \w+: error:", line):
+    if ERROR_LINE.match(line):
         return logging.ERROR
-    if line.startswith("WARNING"):
-        return logging.WARNING
-    return logging.INFO
+    return logging.WARNING if WARNING_LINE.match(line) else logging.INFO
 
 
 @contextlib.contextmanager

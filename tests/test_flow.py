@@ -244,7 +244,10 @@ def test_deployment_runs_cancels_cleanly_and_survives_a_dead_worker(prefect_serv
     run(["git", "add", "-A"], workspace)
     run(["git", "-c", "user.email=t@t", "-c", "user.name=t", "commit", "-q", "-m", "flows"], workspace)
     params_before = (workspace / "params.yaml").read_bytes()
-    env = ws_env | {"PREFECT_API_URL": PREFECT_API_URL.value(), "ALEXOPS_WORKSPACE": str(workspace)}
+    # a fresh workspace on the default store, ./mlflow.db: every run lands there, never in a copy
+    store = {"MLFLOW_TRACKING_URI": f"sqlite:///{workspace}/mlflow.db"}
+    env = {k: v for k, v in ws_env.items() if k != "MLFLOW_TRACKING_URI"}
+    env |= {"PREFECT_API_URL": PREFECT_API_URL.value(), "ALEXOPS_WORKSPACE": str(workspace)}
     prefect(["work-pool", "create", "alexops", "--type", "process", "--overwrite"], workspace, env)
     prefect(["--no-prompt", "deploy", "--all"], workspace, env)
     run([f"{VENV_BIN}/python", "-m", "pipeline.automations"], workspace, env)
@@ -268,7 +271,7 @@ def test_deployment_runs_cancels_cleanly_and_survives_a_dead_worker(prefect_serv
         shown = json.loads(run([f"{VENV_BIN}/dvc", "exp", "show", "--json"], workspace, env).stdout)
         states = [(e.get("executor") or {}).get("state") for b in shown for e in b.get("experiments") or []]
         assert "running" not in states
-        killed = mlflow_client(ws_env).search_runs(
+        killed = mlflow_client(store).search_runs(
             ["1"], filter_string=f"tags.`prefect.flow_run_id` = '{cancelled.id}'"
         )
         assert [(r.info.status, r.data.tags["failure.reason"]) for r in killed] == [
@@ -292,5 +295,24 @@ def test_deployment_runs_cancels_cleanly_and_survives_a_dead_worker(prefect_serv
     summary = artifacts_of(after.id)[f"summary-{DATASET}"].data
     assert "train.epochs (this run) | 1 |" in summary
     assert (workspace / "params.yaml").read_bytes() == params_before  # the workspace is untouched
-    runs = mlflow_client(ws_env).search_runs(["1"])
-    assert not [r for r in runs if r.info.status == "RUNNING"]  # the dead run's stage ended it too
+    client = mlflow_client(store)
+    runs = client.search_runs(["1"])
+    assert not [r for r in runs if r.info.status == "RUNNING"]  # the dead run was closed too
+    location = client.get_experiment("1").artifact_location
+    assert location.startswith((workspace / "mlruns").as_uri()), location
+    assert not [p for p in (workspace / ".dvc").rglob("*") if p.name in ("mlflow.db", "mlruns")]
+    champion = client.get_model_version_by_alias("alexnet-fashion-mnist", "champion")
+    (workspace / "grey.png").write_bytes(grey_png())
+    predicted = run([f"{VENV_BIN}/alexops", "predict", "grey.png"], workspace, env)  # served from @champion
+    assert json.loads(predicted.stdout)["model"]["version"] == str(champion.version)
+
+
+def grey_png() -> bytes:
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.fromarray(np.full((28, 28), 128, np.uint8)).save(buffer, format="PNG")
+    return buffer.getvalue()

@@ -88,6 +88,12 @@ def test_the_gate_allows_at_most_the_configured_drop():
     quantize.check_drop(0.900, 0.910, 0.0)  # int8 better: no drop
     with pytest.raises(AlexopsError, match=r"1\.00 points below.*quantize\.max_accuracy_drop 0\.50 points"):
         quantize.check_drop(0.900, 0.890, 0.005)
+    # the fix names the cause: a limit tightened below its default, or the calibration
+    with pytest.raises(AlexopsError, match=r"max_accuracy_drop is 0\.10 points, set below its default 0\.50"):
+        quantize.check_drop(0.900, 0.897, 0.001)
+    with pytest.raises(AlexopsError, match=r"Fix: raise quantize\.calibration_images") as raised:
+        quantize.check_drop(0.900, 0.890, 0.005)
+    assert "set below its default" not in str(raised.value)
 
 
 def test_quantize_without_an_exported_model_names_the_stage_to_run(prepared):

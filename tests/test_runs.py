@@ -141,9 +141,13 @@ def test_a_new_experiment_keeps_its_artifacts_beside_the_sqlite_store(tmp_path, 
     monkeypatch.delenv("MLFLOW_TRACKING_URI")
     copy = tmp_path / "workspace" / ".dvc" / "tmp" / "exps" / "tmpxyz"
     assert tracking.tracking_uri(copy) == f"sqlite:///{tmp_path / 'workspace'}/mlflow.db"  # DVC_ROOT's
-    assert tracking.artifact_root(tracking.tracking_uri(copy), copy).startswith(
-        (tmp_path / "workspace").as_uri()
-    )
+    root = tracking.artifact_root(tracking.tracking_uri(copy), copy)
+    assert root == (tmp_path / "workspace" / "mlruns").as_uri()
+    for relative in ("sqlite:///mlflow.db", "sqlite:///stores/team.db"):  # as a .env file may say
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", relative)
+        assert tracking.tracking_uri(copy) == f"sqlite:///{tmp_path / 'workspace' / relative[10:]}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:5000")
+    assert tracking.tracking_uri(copy) == "http://127.0.0.1:5000"
 
 
 # ---- the champion under parallel registers --------------------------------------------------------

@@ -25,7 +25,7 @@ from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantTy
 
 from alexops import augment, files, inference, tracking
 from alexops.errors import AlexopsError
-from alexops.params import Params
+from alexops.params import Params, QuantizeParams
 from alexops.paths import Paths
 from alexops.prepare import load_split
 
@@ -154,13 +154,24 @@ def throughput(s: ort.InferenceSession, x: np.ndarray, repeats: int = 10) -> flo
     return len(x) / statistics.median(times)
 
 
+def drop_fix(max_drop: float) -> str:
+    """Name the actual cause: a limit the user tightened, or calibration that fell short."""
+    default = QuantizeParams().max_accuracy_drop
+    if max_drop < default:
+        return (
+            f"quantize.max_accuracy_drop is {100 * max_drop:.2f} points, set below its default "
+            f"{100 * default:.2f} in params.yaml; raise it back, or raise quantize.calibration_images."
+        )
+    return "raise quantize.calibration_images (more training images set the int8 ranges)."
+
+
 def check_drop(fp32: float, int8: float, max_drop: float) -> None:
     """The gate: int8 accuracy may be lower than fp32's by at most `max_drop` (a fraction)."""
     if fp32 - int8 > max_drop + 1e-12:
         raise AlexopsError(
             f"int8 test accuracy {int8:.2%} is {100 * (fp32 - int8):.2f} points below fp32's {fp32:.2%}, "
             f"more than quantize.max_accuracy_drop {100 * max_drop:.2f} points. No int8 model was written. "
-            "Fix: raise quantize.calibration_images, or allow a larger quantize.max_accuracy_drop."
+            f"Fix: {drop_fix(max_drop)}"
         )
 
 

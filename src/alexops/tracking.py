@@ -54,8 +54,15 @@ def workspace(root: Path) -> Path:
 
 
 def tracking_uri(root: Path) -> str:
-    """`MLFLOW_TRACKING_URI` when set, else the SQLite store in the workspace."""
-    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{workspace(root)}/mlflow.db"
+    """`MLFLOW_TRACKING_URI` when set, else the SQLite store in the workspace. A relative local
+    store (`sqlite:///mlflow.db`, `./mlruns`) is the workspace's, not the working directory's,
+    which in an experiment is a temporary copy."""
+    uri = os.environ.get("MLFLOW_TRACKING_URI") or "sqlite:///mlflow.db"
+    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
+        return f"sqlite:///{workspace(root) / uri.removeprefix('sqlite:///')}"
+    if "://" not in uri and not uri.startswith("file:") and not Path(uri).is_absolute():
+        return str(workspace(root) / uri)
+    return uri
 
 
 def artifact_root(uri: str, root: Path) -> str | None:
