@@ -20,7 +20,9 @@ def jpeg(array: np.ndarray, quality: int = 95, **options) -> bytes:
 def gradient(height: int, width: int) -> np.ndarray:
     """RGB (H, W, 3): red grows to the right, green downwards, blue constant: position is readable."""
     y, x = np.mgrid[0:height, 0:width]
-    return np.stack([x * 255 // (width - 1), y * 255 // (height - 1), np.full_like(x, 90)], -1).astype(np.uint8)
+    return np.stack([x * 255 // (width - 1), y * 255 // (height - 1), np.full_like(x, 90)], -1).astype(
+        np.uint8
+    )
 
 
 def test_an_image_already_at_the_size_comes_back_bit_for_bit():
