@@ -91,6 +91,7 @@ def workspace(tmp_path, tiny_mirror) -> Path:
     root.mkdir()
     shutil.copy(REPO / "dvc.yaml", root / "dvc.yaml")
     shutil.copytree(REPO / "src", root / "src", ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copytree(REPO / "datasets", root / "datasets")  # fetch depends on it (declared datasets)
     (root / "params.yaml").write_text(yaml.safe_dump(tiny_params(*tiny_mirror)))
     env = workspace_env(tmp_path)
     run(["git", "init", "-q"], root)
