@@ -20,6 +20,7 @@ from __future__ import annotations
 import hashlib
 import os
 import re
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -48,19 +49,23 @@ class NewImages:
 
     @classmethod
     def create(cls, target: Path, shape: tuple[int, ...]) -> NewImages:
-        target.parent.mkdir(parents=True, exist_ok=True)
-        path = target.with_name(f".{target.name}.{os.getpid()}.tmp")
         header = _npy_header(shape)
+        path = None
         try:
-            with open(path, "wb") as stream:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            fd, name = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
+            path = Path(name)
+            with open(fd, "wb") as stream:
                 stream.write(header)
                 stream.flush()
                 size = len(header) + int(np.prod(shape))
                 if size > len(header):
                     os.posix_fallocate(stream.fileno(), 0, size)
         except OSError as exc:
-            path.unlink(missing_ok=True)
+            if path is not None:
+                path.unlink(missing_ok=True)
             raise cannot_write(target, exc) from exc
+        os.chmod(path, 0o644)  # mkstemp's 0600 would keep other users (a server) out
         return cls(target, path, tuple(shape))
 
     def array(self) -> np.ndarray:

@@ -119,6 +119,8 @@ def list_folder(root: Path) -> list[Member]:
     members = []
     for directory, subdirs, names in os.walk(root):
         subdirs.sort()
+        if directory != str(root):
+            members.append(Member(Path(directory).relative_to(root).as_posix() + "/", 0))
         for name in sorted(names):
             path = Path(directory, name)
             relative = path.relative_to(root).as_posix()
@@ -152,6 +154,7 @@ def list_tar(path: Path) -> list[Member]:
         for info in tar:
             name = safe_name(info.name, path.name)
             if info.isdir():
+                members.append(Member(name.rstrip("/") + "/", 0))
                 continue
             if info.issym() or info.islnk():
                 members.append(Member(name, 0, None, f"a link to {info.linkname!r}, not followed"))
@@ -171,6 +174,7 @@ def list_zip(path: Path) -> list[Member]:
             name = safe_name(info.filename, path.name)
             mode = info.external_attr >> 16
             if info.is_dir():
+                members.append(Member(name.rstrip("/") + "/", 0))
                 continue
             if stat.S_ISLNK(mode):
                 members.append(Member(name, 0, None, "a link, not followed"))
@@ -187,7 +191,7 @@ def unique_names(members: list[Member], archive: str) -> list[Member]:
     """A name seen before is a bad entry: extracting would let the second copy shadow the first."""
     seen, kept = set(), []
     for member in members:
-        if member.name in seen and not member.problem:
+        if member.name in seen and not member.problem and not member.name.endswith("/"):
             member = Member(member.name, member.size, None, f"appears twice in {archive}; the first is read")
         seen.add(member.name)
         kept.append(member)
@@ -199,11 +203,14 @@ def hidden(name: str) -> bool:
 
 
 def structure(members: list[Member]) -> Listing:
-    """Members → classes and entries: the dataset's root entered, train/test subtrees found."""
+    """Members → classes and entries: the dataset's root entered, train/test subtrees found.
+
+    Directory members (names ending in /) make class folders known even when they hold no
+    image: such a class is listed in `empty_classes`.
+    """
     kept = [m for m in members if not hidden(m.name)]
     prefix = common_root(kept)
-    kept = [m for m in kept if m.name.startswith(prefix)]
-    relative = {m: m.name[len(prefix) :] for m in kept}
+    relative = {m: m.name[len(prefix) :] for m in kept if m.name.startswith(prefix) and m.name != prefix}
     tops = {name.split("/", 1)[0] for name in relative.values() if "/" in name}
     split_layout = "train" in tops and ("test" in tops or "val" in tops)
     test_dir = "test" if "test" in tops else "val"
@@ -212,20 +219,25 @@ def structure(members: list[Member]) -> Listing:
         listing.notes.append("val/ is not read: test/ is the test split")
     by_split: dict[str | None, dict[str, list[Member]]] = {}
     for member, name in relative.items():
-        parts = name.split("/")
+        parts = name.rstrip("/").split("/")
         split = None
         if split_layout:
             if parts[0] not in ("train", test_dir):
-                listing.ignored.append(member.name)
+                if not member.name.endswith("/"):
+                    listing.ignored.append(member.name)
                 continue
             split, parts = ("train" if parts[0] == "train" else "test"), parts[1:]
+        if member.name.endswith("/"):  # a folder: a class folder when it sits where classes do
+            if len(parts) == 1:
+                by_split.setdefault(split, {}).setdefault(parts[0], [])
+            continue
         if len(parts) < 2:  # a file beside the class folders (a README, a licence)
             listing.ignored.append(member.name)
             continue
         by_split.setdefault(split, {}).setdefault(parts[0], []).append(member)
     train_classes = by_split.get("train" if split_layout else None, {})
     listing.classes = tuple(sorted(train_classes))
-    for split in sorted(by_split, key=lambda s: (s is not None, s or "")):
+    for split in sorted(by_split, key=lambda s: s == "test"):  # train (or unsplit) first, then test
         for class_name, class_members in sorted(by_split[split].items()):
             if class_name not in train_classes:
                 listing.bad.extend(
@@ -250,7 +262,7 @@ def common_root(members: list[Member]) -> str:
     train/test/val folder or a folder that holds files itself."""
     prefix = ""
     while True:
-        rest = [m.name[len(prefix) :] for m in members]
+        rest = [m.name[len(prefix) :] for m in members if m.name != prefix]
         tops = {name.split("/", 1)[0] for name in rest}
         if len(tops) != 1 or any("/" not in name for name in rest):
             return prefix

@@ -78,7 +78,7 @@ class ImageFolder(Dataset):
         base = {"dataset": self.name, "source": self.declared.source}
         if location.is_dir():
             members = folders.list_folder(location)
-            if not any(not folders.hidden(m.name) for m in members):
+            if not any(not folders.hidden(m.name) and not m.name.endswith("/") for m in members):
                 raise AlexopsError(
                     f"{key}: {location} holds no files. Fix: put the images in <class>/<image> folders there."
                 )
@@ -310,6 +310,10 @@ def folder_digests(location: Path, members: list[folders.Member], copy_to: Path 
     for member in tqdm(members, desc="fetch: read files" if copy_to is None else "fetch: copy files",
                        unit="file", mininterval=1.0):  # fmt: skip
         if folders.hidden(member.name) or member.problem:
+            continue
+        if member.name.endswith("/"):  # a folder: kept in the copy, an empty class folder too
+            if copy_to is not None:
+                (copy_to / member.name).mkdir(parents=True, exist_ok=True)
             continue
         try:
             data = Path(member.ref).read_bytes()

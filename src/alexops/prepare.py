@@ -35,7 +35,12 @@ def run(params: Params, paths: Paths) -> None:
 
 
 def write_cache(params: Params, paths: Paths, decoded: datasets.Decoded) -> None:
-    classes, labels, problems = keep_classes_with_images(decoded)
+    # no images: the reader stopped at what listing the source found (prepare.bad_files: fail)
+    classes, labels, problems = (
+        keep_classes_with_images(decoded)
+        if decoded.images is not None
+        else (decoded.classes, decoded.labels, decoded.problems)
+    )
     report = {
         "dataset": params.base.dataset,
         "source": decoded.source,
