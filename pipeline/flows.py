@@ -63,7 +63,10 @@ from pipeline.dvc_process import DvcProcess, remove_dead_experiment_copies
 
 LOCK_FILE = Path(".dvc") / "tmp" / "alexops-flow.lock"
 WORKSPACE_DATASET = "params.yaml"  # the `dataset` choice that means: the one params.yaml names
-DatasetChoice = Literal[WORKSPACE_DATASET, *params_module.DATASETS, "all"]  # type: ignore[valid-type]
+# the built-in datasets and those declared in this checkout's params.yaml, read when the flow is
+# imported (`prefect deploy` turns them into the UI's choices); a run validates against its workspace
+DATASET_NAMES = params_module.dataset_names(Path(__file__).resolve().parents[1] / "params.yaml")
+DatasetChoice = Literal[WORKSPACE_DATASET, *DATASET_NAMES, "all"]  # type: ignore[valid-type]
 RETRY_DELAYS_S = (10, 30, 90)
 EXPERIMENT_ATTEMPTS = 1 + len(RETRY_DELAYS_S)
 RETRIED_IN_EXPERIMENTS = ("fetch", "prepare")
@@ -376,13 +379,16 @@ def workspace_dataset(workspace: Path) -> str:
 
 
 def datasets_to_run(dataset: str, workspace: Path) -> list[str]:
+    names = params_module.load(workspace / "params.yaml").datasets
+    known = [*params_module.DATASETS, *names]
     if dataset == "all":
-        return list(params_module.DATASETS)
+        return known
     if dataset in ("", WORKSPACE_DATASET):
         return [workspace_dataset(workspace)]
-    if dataset not in params_module.DATASETS:
+    if dataset not in known:
         raise AlexopsError(
-            f"unknown dataset {dataset!r}. Fix: use one of {', '.join(params_module.DATASETS)} or 'all'."
+            f"unknown dataset {dataset!r}. Fix: use one of {', '.join(known)} or 'all', or declare it "
+            "under `datasets:` in params.yaml."
         )
     return [dataset]
 

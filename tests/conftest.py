@@ -92,6 +92,7 @@ def workspace(tmp_path, tiny_mirror) -> Path:
     shutil.copy(REPO / "dvc.yaml", root / "dvc.yaml")
     shutil.copy(REPO / ".gitignore", root / ".gitignore")  # what git must not hold, as in a real clone
     shutil.copytree(REPO / "src", root / "src", ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copytree(REPO / "datasets", root / "datasets")  # fetch depends on it (declared datasets)
     (root / "params.yaml").write_text(yaml.safe_dump(tiny_params(*tiny_mirror)))
     env = workspace_env(tmp_path)
     run(["git", "init", "-q"], root)

@@ -364,3 +364,98 @@ def read_split(raw_dir: Path, split: str, dataset: DatasetSpec = FASHION_MNIST) 
     if split not in ("train", "test"):
         raise ValueError(f"split must be 'train' or 'test', got {split!r}")
     return dataset.read(Path(raw_dir), split)
+
+
+# --- one interface for every dataset ------------------------------------------------------------
+#
+# A dataset is read by the reader of its source's kind: the IDX files (Fashion-MNIST), the CIFAR-10
+# python archive, or an image folder or archive of one (a dataset declared under `datasets:` in
+# params.yaml). The stages call `get(params)` and the two methods below; none of them asks which
+# dataset it is.
+
+
+@dataclass
+class Decoded:
+    """A dataset decoded into a new cache images file (rows: images), before prepare's subsets.
+
+    labels (N,) int64 class indices; test (N,) bool; usable (N,) bool, False for a row left out
+    (a bad file, a duplicate); problems: {"path", "reason", "detail"} for every bad file, empty
+    class and duplicate found (prepare.bad_files decides whether they stop the stage).
+    """
+
+    images: object  # alexops.cache.NewImages
+    labels: np.ndarray
+    test: np.ndarray
+    usable: np.ndarray
+    classes: tuple[str, ...]
+    capture: Capture
+    source: str
+    problems: list[dict]
+    notes: list[str]
+
+
+class Dataset:
+    """What every stage needs of a dataset, whatever its source.
+
+    - `fetch(params, paths)`: its raw input into `paths.raw` (a DVC output), verified.
+    - `decode(params, paths)`: every image as uint8 (C, S, S) into a new images file of the
+      cache, with labels, splits and what was wrong (`Decoded`); the classes, in label order;
+      the capture recipe (how its images were made, for the server).
+    """
+
+    name: str
+
+    def fetch(self, params, paths) -> None:
+        raise NotImplementedError
+
+    def decode(self, params, paths) -> Decoded:
+        raise NotImplementedError
+
+
+@dataclass
+class Published(Dataset):
+    """A built-in dataset: published files, fetched from mirrors, read by its spec's reader."""
+
+    spec: DatasetSpec
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
+    def fetch(self, params, paths) -> None:
+        from alexops import fetch
+
+        fetch.fetch_published(self.spec, params.fetch, paths.raw)
+
+    def decode(self, params, paths) -> Decoded:
+        from alexops.cache import IMAGES, NewImages
+
+        train = read_split(paths.raw, "train", self.spec)
+        test = read_split(paths.raw, "test", self.spec)
+        count = len(train[1]) + len(test[1])
+        images = NewImages.create(paths.prepared / IMAGES, (count, *train[0].shape[1:]))
+        try:
+            out = images.array()
+            out[: len(train[1])] = train[0].numpy()
+            out[len(train[1]) :] = test[0].numpy()
+            out.flush()
+            del out
+        except BaseException:
+            images.discard()
+            raise
+        labels = np.concatenate([train[1].numpy(), test[1].numpy()])
+        is_test = np.arange(count) >= len(train[1])
+        return Decoded(
+            images, labels, is_test, np.ones(count, dtype=bool), self.spec.classes, self.spec.capture,
+            source=f"the published {self.name} files", problems=[], notes=[],
+        )  # fmt: skip
+
+
+def get(params) -> Dataset:
+    """base.dataset's reader: a built-in's, or the folder/archive reader of a declared dataset."""
+    name = params.base.dataset
+    if name in SPECS:
+        return Published(SPECS[name])
+    from alexops.imagefolder import ImageFolder
+
+    return ImageFolder(name, params.datasets[name])

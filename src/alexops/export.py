@@ -15,7 +15,7 @@ import numpy as np
 import onnx
 import torch
 
-from alexops import datasets, files, tracking
+from alexops import files, tracking
 from alexops.errors import AlexopsError
 from alexops.model import load_trained
 from alexops.params import ExportParams, Params
@@ -88,9 +88,10 @@ def export(params: Params, paths: Paths) -> dict:
     model, config, recipe, classes = load_trained(paths.model, "cpu")
     shape = (config["in_channels"], config["image_size"], config["image_size"])
     example = torch.zeros(2, *shape)  # traced at batch 2 so that the batch axis stays symbolic
+    # how the dataset's images were made (a folder dataset's: squared to its cache size)
+    capture = json.dumps(files.read_json(paths.prepared / "stats.json", produced_by="prepare")["capture"])
     try:
         proto = to_onnx(model, example, params.export.opset)
-        capture = json.dumps(datasets.spec(params.base.dataset).capture.as_dict())  # how its images were made
         add_metadata(
             proto,
             classes,

@@ -14,9 +14,11 @@ kept. Run by hand, a file already present with the right checksum is kept as is 
 from __future__ import annotations
 
 import dataclasses
+import errno
 import gzip
 import hashlib
 import http.client
+import os
 import time
 import urllib.error
 import urllib.request
@@ -25,8 +27,8 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from alexops import files
-from alexops.datasets import BadRawData, DatasetSpec, RawFile, spec
+from alexops import datasets, files
+from alexops.datasets import BadRawData, DatasetSpec, RawFile
 from alexops.errors import AlexopsError
 from alexops.params import DEFAULT_MIRRORS, FetchParams, Params
 from alexops.paths import Paths
@@ -42,14 +44,18 @@ class MirrorError(Exception):
 
 
 def run(params: Params, paths: Paths) -> None:
-    dataset = spec(params.base.dataset)
-    mirrors = mirror_list(params.fetch.mirrors, dataset)
-    for raw in expected_files(dataset, params.fetch.checksums):
-        target = paths.raw / raw.name
+    datasets.get(params).fetch(params, paths)
+
+
+def fetch_published(dataset: DatasetSpec, opts: FetchParams, raw_dir: Path) -> None:
+    """A built-in dataset's files into `raw_dir`, each from the first mirror that has it verified."""
+    mirrors = mirror_list(opts.mirrors, dataset)
+    for raw in expected_files(dataset, opts.checksums):
+        target = raw_dir / raw.name
         if target.exists() and file_digest(target, raw.algorithm) == raw.checksum:
             print(f"fetch: {raw.name} present, checksum ok")
             continue
-        fetch_file(raw, mirrors, params.fetch, target, dataset)
+        fetch_file(raw, mirrors, opts, target, dataset)
 
 
 def mirror_list(configured: tuple[str, ...], dataset: DatasetSpec) -> list[str]:
@@ -177,6 +183,60 @@ def _download(url: str, opts: FetchParams) -> bytes:
         if attempt < opts.retries:
             time.sleep(min(2 ** (attempt - 1), 10))
     raise MirrorError(f"{reason} (after {opts.retries} attempt(s))", transient=True)
+
+
+def download_to(url: str, target: Path, opts: FetchParams) -> str:
+    """Stream `url` into `target` (atomically; memory stays flat however large it is), with
+    fetch's timeout and retries; the SHA-256 of what was written. Network failures that may pass
+    are a transient AlexopsError (exit 75, retried by the Prefect flow)."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    partial = target.with_name(f".{target.name}.download")
+    for attempt in range(1, opts.retries + 1):
+        try:
+            digest = _stream(url, partial, opts.timeout_s)
+            os.replace(partial, target)
+            return digest
+        except urllib.error.HTTPError as exc:
+            if exc.code < 500 and exc.code not in (408, 429):
+                raise AlexopsError(
+                    f"could not download {url}: HTTP {exc.code} {exc.reason}. Fix: check the URL."
+                ) from exc
+            reason = f"HTTP {exc.code} {exc.reason}"
+        except (urllib.error.URLError, OSError, http.client.HTTPException) as exc:
+            if getattr(exc, "errno", None) in (errno.ENOSPC, errno.EFBIG, errno.EACCES, errno.EROFS):
+                raise AlexopsError(
+                    f"cannot write {target}: {exc.strerror}. Fix: check free disk space and permissions."
+                ) from exc
+            reason = str(getattr(exc, "reason", exc)) or exc.__class__.__name__
+        except ValueError as exc:
+            raise AlexopsError(f"{url} is not a valid URL ({exc}). Fix: correct the source.") from exc
+        finally:
+            partial.unlink(missing_ok=True)
+        if attempt < opts.retries:
+            time.sleep(min(2 ** (attempt - 1), 10))
+    raise AlexopsError(
+        f"could not download {url}: {reason} (after {opts.retries} attempt(s)). Fix: check the network "
+        "or the URL; or download it yourself and give its path as the source.",
+        transient=True,
+    )
+
+
+def _stream(url: str, target: Path, timeout_s: float) -> str:
+    digest = hashlib.sha256()
+    with urllib.request.urlopen(url, timeout=timeout_s) as response, open(target, "wb") as out:
+        total = int(response.headers.get("Content-Length") or 0) or None
+        written = 0
+        with tqdm(
+            total=total, unit="B", unit_scale=True, desc=url.rsplit("/", 1)[-1], mininterval=1.0
+        ) as bar:
+            for chunk in iter(lambda: response.read(1 << 20), b""):
+                out.write(chunk)
+                digest.update(chunk)
+                written += len(chunk)
+                bar.update(len(chunk))
+    if total is not None and written != total:
+        raise OSError(f"connection closed after {written} of {total} bytes")
+    return digest.hexdigest()
 
 
 def _get(url: str, timeout_s: float) -> bytes:

@@ -16,8 +16,11 @@ What a viewer shows is what the model gets:
 - Palette, CMYK, YCbCr, LAB, bilevel: converted by Pillow; animated files (GIF, APNG,
   WebP, multi-page TIFF): the first frame.
 - The capture recipe (`Capture`): how a dataset's images were made from photographs.
-  `capture` brings a photo into that form (Fashion-MNIST: trim, fit, centre, negate),
-  detecting first, in mode `auto`, whether the image is already in it.
+  `capture` brings a photo into that form (Fashion-MNIST: trim, fit, centre, negate; a
+  folder dataset: shorter side to its cache size, centre square crop, as the paper made
+  ImageNet's), detecting first, in mode `auto`, whether the image is already in it.
+- JPEG draft decoding (`draft`): a JPEG much larger than the size it is brought to is
+  decoded at 1/2, 1/4 or 1/8 scale in the DCT domain, never below that size.
 
 Errors are `ImageError` (an `AlexopsError`) naming the image, the problem and the fix.
 """
@@ -90,8 +93,20 @@ def decode(
     return composite(read(data, channels, max_pixels=max_pixels, label=label), background)
 
 
-def read(data: bytes, channels: int, *, max_pixels: int = DEFAULT_MAX_PIXELS, label: str = "image") -> Layers:
-    """Like `decode`, but the alpha channel kept apart (for callers that decide the background)."""
+def read(
+    data: bytes,
+    channels: int,
+    *,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    label: str = "image",
+    draft: int = 0,
+) -> Layers:
+    """Like `decode`, but the alpha channel kept apart (for callers that decide the background).
+
+    draft: when > 0 and the file is a JPEG, decode it at the smallest of the scales 1, 1/2, 1/4,
+    1/8 that keeps both sides ≥ draft px (libjpeg's DCT scaling, Pillow's `Image.draft`):
+    up to 64× fewer pixels decoded for an image that is then shrunk to `draft` px anyway.
+    """
     if channels not in MODES:
         raise ValueError(f"channels must be 1 or 3, got {channels}")
     if not data:
@@ -99,6 +114,10 @@ def read(data: bytes, channels: int, *, max_pixels: int = DEFAULT_MAX_PIXELS, la
     try:
         with Image.open(io.BytesIO(data), formats=readable_formats()) as image:
             check_pixels(image.size, max_pixels, label)  # from the header, before decoding
+            if draft > 0 and image.format in ("JPEG", "MPO"):
+                # the mode as decoded: gray straight from the luma plane, RGB from YCbCr (CMYK stays)
+                wanted = MODES[channels] if image.mode in ("L", "RGB", "YCbCr") else image.mode
+                image.draft(wanted, (draft, draft))
             return _layers(image, channels)
     except ImageError:
         raise
@@ -134,6 +153,37 @@ def pixel_count(data: bytes) -> int:
             return image.width * image.height
     except Exception:  # whatever it is, `read` reports it properly
         return 0
+
+
+def dimensions(data: bytes) -> tuple[int, int] | None:
+    """(width, height) as stored, from the header alone; None when `read` would not accept it."""
+    try:
+        with Image.open(io.BytesIO(data), formats=readable_formats()) as image:
+            return image.size
+    except Exception:  # whatever it is, `read` reports it properly
+        return None
+
+
+def square(pixels: np.ndarray, size: int) -> np.ndarray:
+    """uint8 (C, H, W) → (C, size, size): the shorter side resized to `size`, the centre square kept.
+
+    How Krizhevsky et al. (2012, §2) brought ImageNet's images to 256 × 256: "rescaled the image
+    such that the shorter side was of length 256, and then cropped out the central 256×256
+    patch". Done here as one resampling of the central square (Pillow's antialiased bilinear
+    filter, sub-pixel box), so the cropped-away sides are never resampled. An image already
+    size × size is returned as it is, bit for bit.
+    """
+    channels, height, width = pixels.shape
+    if height == width == size:
+        return pixels
+    side = min(height, width)
+    box = ((width - side) / 2, (height - side) / 2, (width + side) / 2, (height + side) / 2)
+    planes = [
+        np.asarray(Image.fromarray(plane).resize((size, size), Image.Resampling.BILINEAR, box=box))
+        for plane in (pixels if channels == 1 else [pixels.transpose(1, 2, 0)])
+    ]
+    out = planes[0][None] if channels == 1 else planes[0].transpose(2, 0, 1)
+    return _own(out)
 
 
 @functools.cache
@@ -315,7 +365,10 @@ def _colour(value: Sequence[int] | int, channels: int) -> np.ndarray:
 class Capture:
     """How a dataset's images were made from photographs: its capture recipe.
 
-    kind "photo": natural photographs, downscaled (CIFAR-10): nothing to bring an image into.
+    kind "photo": natural photographs. Without `size` they were downscaled as a whole (CIFAR-10):
+    nothing to bring an image into. With `size` (a folder dataset) each was brought to size ×
+    size as the paper did ImageNet's (`square`: shorter side to `size`, centre square crop), and
+    so is every image served: decoded with JPEG draft scaling to `size`, squared.
     kind "catalogue": product photos on a light backdrop brought into the dataset's form as
     Xiao, Rasul & Vollgraf (2017, §2) made Fashion-MNIST: trim the edges within `trim_fuzz`
     of the backdrop colour, fit the longest edge to `size`, sharpen, centre on a `size` ×
@@ -388,7 +441,11 @@ def capture(
     """
     if mode not in CAPTURE_MODES:
         raise ValueError(f"capture mode must be one of {', '.join(CAPTURE_MODES)}, got {mode!r}")
-    layers = read(data, channels, max_pixels=max_pixels, label=label)
+    squared = recipe.kind == "photo" and bool(recipe.size) and mode != "none"
+    layers = read(data, channels, max_pixels=max_pixels, label=label, draft=recipe.size if squared else 0)
+    if squared:
+        why = f"shorter side to {recipe.size} px, centre square crop, as the dataset's images were made"
+        return square(composite(layers, recipe.background), recipe.size), Captured(mode, "photo", why)
     if recipe.kind != "catalogue":
         why = "the dataset's images are natural photos: nothing to undo" if recipe.kind == "photo" else ""
         return composite(layers, recipe.background), Captured(mode, "none", why or f"kind {recipe.kind}")
@@ -535,6 +592,8 @@ def border_pixels(pixels: np.ndarray) -> np.ndarray:
 
 def describe(capture_recipe: Capture) -> str:
     """One line for logs and docs."""
+    if capture_recipe.kind == "photo" and capture_recipe.size:
+        return f"photo → shorter side {capture_recipe.size} px, centre square ({capture_recipe.source})"
     if capture_recipe.kind != "catalogue":
         return f"{capture_recipe.kind} ({capture_recipe.source})"
     return f"catalogue → {capture_recipe.size}×{capture_recipe.size} ({capture_recipe.source})"
@@ -542,6 +601,6 @@ def describe(capture_recipe: Capture) -> str:
 
 __all__ = [
     "CAPTURE_MODES", "Capture", "Captured", "DEFAULT_MAX_PIXELS", "FORMATS", "ImageError", "Layers",
-    "NO_CAPTURE", "capture", "catalogue_to_dataset", "composite", "decode", "describe", "float_range",
-    "looks_like_a_photo", "pixel_count", "read", "sample_range",
+    "NO_CAPTURE", "capture", "catalogue_to_dataset", "composite", "decode", "describe", "dimensions",
+    "float_range", "looks_like_a_photo", "pixel_count", "read", "sample_range", "square",
 ]  # fmt: skip

@@ -19,6 +19,13 @@ import yaml
 from alexops.errors import AlexopsError
 
 DATASETS = ("fashion-mnist", "cifar10")  # the keys of alexops.datasets.SPECS (a test holds them together)
+# Names a declared dataset cannot take: the built-ins, and what the Prefect flow's `dataset` choice
+# means by "every dataset" and "the one params.yaml names".
+RESERVED_NAMES = (*DATASETS, "all", "params.yaml")
+# A declared dataset's name goes into paths, DVC's `-S datasets.<name>.source=...`, the MLflow
+# experiment `alexops-<name>` and the registered model `alexnet-<name>`: letters, digits, - and _.
+DATASET_NAME = r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}"
+ARCHIVE_SUFFIXES = (".tar", ".tar.gz", ".tgz", ".zip")
 # In fetch.mirrors, stands for the chosen dataset's own mirrors (alexops.datasets: default_mirrors).
 DEFAULT_MIRRORS = "default"
 
@@ -31,7 +38,8 @@ def _rule(default: Any, **rules: Any) -> Any:
 
 @dataclass(frozen=True)
 class BaseParams:
-    dataset: str = _rule("fashion-mnist", choices=DATASETS)
+    # a built-in dataset (DATASETS) or one declared under `datasets:`; checked in from_dict
+    dataset: str = _rule("fashion-mnist")
     seed: int = _rule(42, min=0, max=2**31 - 1)
     # "auto" picks CUDA when present, else the CPU.
     device: str = _rule("auto", choices=("auto", "cpu", "cuda"))
@@ -55,6 +63,50 @@ class PrepareParams:
     # 0 keeps every image; a positive number keeps a seeded random subset (quick runs).
     max_train: int = _rule(0, min=0)
     max_test: int = _rule(0, min=0)
+    # A declared dataset's cache side in px: each image's shorter side is resized to it and the
+    # centre square kept (paper §2). 0: train's resize, image_size × resize_ratio (113 px by
+    # default), so that training crops the cache without resampling it. Never larger than the
+    # largest image: a cache beyond every image would hold upscaled pixels only.
+    image_size: int = _rule(0, min=0, max=1024)
+    # Files that are not usable images (corrupt, truncated, not an image, empty, a link in an
+    # archive), classes left with no image and exact duplicates across train and test: `fail`
+    # stops prepare naming them; `skip` leaves them out. Either way reports/<dataset>/prepare.json
+    # lists them.
+    bad_files: str = _rule("fail", choices=("fail", "skip"))
+    # processes decoding images; 0: one per CPU core
+    workers: int = _rule(0, min=0, max=256)
+
+
+@dataclass(frozen=True)
+class DatasetParams:
+    """One dataset declared under `datasets:` in params.yaml (see alexops.datasets)."""
+
+    # a directory laid out <class>/<image> (optionally under train/ and test/ or val/), or an
+    # archive of one (.tar, .tar.gz, .tgz, .zip): a path (relative to params.yaml's directory)
+    # or an http(s) URL
+    source: str = _rule("")
+    # the archive's SHA-256 (64 hex digits, optionally `sha256:` first); required for a URL
+    checksum: str = _rule("")
+    # 1 (gray), 3 (RGB) or auto: 1 when every image is gray, else 3
+    channels: str = _rule("auto", choices=("auto", "1", "3"))
+    # held out as the test split, per class and seeded by base.seed, when the source has no
+    # test/ or val/ subtree
+    test_fraction: float = _rule(0.2, min=0.01, max=0.9)
+    # the colour under transparent pixels: one gray value or [r, g, b], 0-255
+    background: tuple[int, ...] = _rule((255,))
+
+    @property
+    def is_url(self) -> bool:
+        return self.source.startswith(("http://", "https://"))
+
+    @property
+    def is_archive(self) -> bool:
+        path = self.source.split("?", 1)[0].split("#", 1)[0] if self.is_url else self.source
+        return path.lower().endswith(ARCHIVE_SUFFIXES)
+
+    @property
+    def sha256(self) -> str:
+        return self.checksum.lower().removeprefix("sha256:")
 
 
 @dataclass(frozen=True)
@@ -128,17 +180,26 @@ class Params:
     export: ExportParams = field(default_factory=ExportParams)
     quantize: QuantizeParams = field(default_factory=QuantizeParams)
     register: RegisterParams = field(default_factory=RegisterParams)
+    # name → declaration; a mapping of sections rather than a section (see `_build_datasets`)
+    datasets: dict[str, DatasetParams] = field(default_factory=dict)
 
     def as_flat_dict(self) -> dict[str, Any]:
         """`section.key` → value, the form MLflow params and DVC `-S` overrides use."""
         flat = {}
-        for section in dataclasses.fields(self):
-            for key, value in dataclasses.asdict(getattr(self, section.name)).items():
+        sections = [(f.name, getattr(self, f.name)) for f in dataclasses.fields(self) if f.name != "datasets"]
+        sections += [(f"datasets.{name}", declared) for name, declared in self.datasets.items()]
+        for prefix, section in sections:
+            for key, value in dataclasses.asdict(section).items():
                 if isinstance(value, dict):
-                    flat.update({f"{section.name}.{key}.{k}": v for k, v in value.items()})
+                    flat.update({f"{prefix}.{key}.{k}": v for k, v in value.items()})
                 else:
-                    flat[f"{section.name}.{key}"] = list(value) if isinstance(value, tuple) else value
+                    flat[f"{prefix}.{key}"] = list(value) if isinstance(value, tuple) else value
         return flat
+
+    @property
+    def dataset(self) -> DatasetParams | None:
+        """base.dataset's declaration; None for a built-in dataset."""
+        return self.datasets.get(self.base.dataset)
 
 
 def load(path: Path | str = "params.yaml") -> Params:
@@ -162,18 +223,81 @@ def from_dict(raw: Any, source: str = "params") -> Params:
     _reject_unknown(raw, sections, source, where="")
     built = {}
     for name, section_field in sections.items():
-        section_cls = section_field.default_factory  # type: ignore[misc]
         values = raw.get(name) or {}
         if not isinstance(values, dict):
             raise AlexopsError(f"{source}: `{name}` must be a mapping, got {_kind(values)}.")
-        built[name] = _build_section(section_cls, values, source, name)
+        if name == "datasets":
+            built[name] = _build_datasets(values, source)
+        else:
+            section_cls = section_field.default_factory  # type: ignore[misc]
+            built[name] = _build_section(section_cls, values, source, name)
     loaded = Params(**built)
+    known = (*DATASETS, *loaded.datasets)
+    if loaded.base.dataset not in known:
+        raise AlexopsError(
+            f"{source}: base.dataset must be one of {' | '.join(known)}, got {loaded.base.dataset!r}. "
+            f"Fix: pick one of those, or declare it under `datasets:` "
+            f"(datasets: {{{printable(loaded.base.dataset)}: {{source: path/to/folder}}}})."
+        )
     if loaded.train.schedule == "plateau" and loaded.train.val_size == 0:
         raise AlexopsError(
             f"{source}: train.schedule plateau lowers the learning rate on validation error, but "
             "train.val_size is 0. Fix: hold out validation images (train.val_size) or pick another schedule."
         )
     return loaded
+
+
+def _build_datasets(values: dict, source: str) -> dict[str, DatasetParams]:
+    """`datasets:` → name → DatasetParams, each as strictly checked as a section."""
+    declared = {}
+    for name, entry in values.items():
+        shown = printable(str(name))
+        if not isinstance(name, str) or not re.fullmatch(DATASET_NAME, name):
+            raise AlexopsError(
+                f"{source}: datasets.{shown}: a dataset's name must be 1-64 letters, digits, - or _, "
+                "starting with a letter or digit. Fix: rename it."
+            )
+        if name in RESERVED_NAMES:
+            what = "a built-in dataset" if name in DATASETS else "reserved by the Prefect flow"
+            raise AlexopsError(f"{source}: datasets.{name}: the name is {what}. Fix: choose another name.")
+        if not isinstance(entry, dict):
+            raise AlexopsError(
+                f"{source}: datasets.{name} must be a mapping with at least `source:`, got {_kind(entry)}."
+            )
+        if isinstance(entry.get("channels"), int) and not isinstance(entry.get("channels"), bool):
+            entry = entry | {"channels": str(entry["channels"])}  # YAML's 1 and 3 are numbers
+        checked = _build_section(DatasetParams, entry, source, f"datasets.{name}")
+        declared[name] = _check_source(checked, f"{source}: datasets.{name}")
+    return declared
+
+
+def _check_source(declared: DatasetParams, key: str) -> DatasetParams:
+    """What can be told of a source without touching it (fetch checks that it is there)."""
+    if not declared.source:
+        raise AlexopsError(
+            f"{key}.source is missing. Fix: give the folder (<class>/<image>), an archive of it "
+            "or an archive's URL."
+        )
+    if declared.is_url and not declared.is_archive:
+        raise AlexopsError(
+            f"{key}.source {declared.source!r} is a URL but not of an archive. Fix: a URL ending in "
+            f"{', '.join(ARCHIVE_SUFFIXES)} (with `checksum:`), or download it and give the folder."
+        )
+    if declared.checksum and not re.fullmatch(r"[0-9a-f]{64}", declared.sha256):
+        raise AlexopsError(
+            f"{key}.checksum must be a SHA-256: 64 hex digits, optionally after `sha256:`, got "
+            f"{printable(declared.checksum[:80])!r}. Fix: paste what `sha256sum ARCHIVE` prints."
+        )
+    if declared.is_url and not declared.checksum:
+        raise AlexopsError(
+            f"{key}.checksum is missing: a downloaded archive is checked before it is read. "
+            "Fix: add `checksum: <the archive's SHA-256>` (sha256sum prints it)."
+        )
+    if declared.checksum and not declared.is_archive:
+        raise AlexopsError(
+            f"{key}.checksum applies to an archive, and {declared.source!r} is a folder. Fix: remove it."
+        )
+    return declared
 
 
 def _build_section(cls: type, values: dict, source: str, section: str) -> Any:
@@ -228,6 +352,15 @@ def _coerce(key: str, value: Any, hint: Any) -> Any:
         if not isinstance(value, dict) or not all(isinstance(k, str) for k in value):
             raise AlexopsError(f"{key} must be a mapping of names to strings, got {_kind(value)}.")
         return dict(value)
+    if typing.get_origin(hint) is tuple and typing.get_args(hint)[0] is int:  # a colour
+        values = [value] if isinstance(value, int) and not isinstance(value, bool) else value
+        if not (
+            isinstance(values, list)
+            and len(values) in (1, 3)
+            and all(isinstance(v, int) and not isinstance(v, bool) and 0 <= v <= 255 for v in values)
+        ):
+            raise AlexopsError(f"{key} must be a gray value 0-255 or [r, g, b], got {_kind(value)}.")
+        return tuple(values)
     if typing.get_origin(hint) is tuple:
         if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
             raise AlexopsError(f"{key} must be a list of non-empty strings, got {_kind(value)}.")
@@ -260,3 +393,13 @@ def _kind(value: Any) -> str:
     if isinstance(value, dict | list):
         return f"a {type(value).__name__}"
     return f"{value!r} ({type(value).__name__})"
+
+
+def dataset_names(path: Path | str = "params.yaml") -> tuple[str, ...]:
+    """The datasets a params file offers: the built-ins, then those it declares. Only the
+    built-ins when the file cannot be read or is not valid: for choices computed at import time
+    (the Prefect flow's `dataset` parameter), where an error would break the import."""
+    try:
+        return (*DATASETS, *load(path).datasets)
+    except AlexopsError:
+        return DATASETS

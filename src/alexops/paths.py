@@ -48,3 +48,13 @@ class Paths:
     @property
     def reports(self) -> Path:
         return self.root / "reports" / self.dataset
+
+    @property
+    def prepare_report(self) -> Path:
+        """What prepare found: counts per class and split, bad files, duplicates (a DVC output)."""
+        return self.reports / "prepare.json"
+
+    @property
+    def datasets(self) -> Path:
+        """The repository folder whose image folders and archives DVC tracks (`dvc add`)."""
+        return self.root / "datasets"

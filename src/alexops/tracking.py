@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import hashlib
+import json
 import logging
 import os
 import re
@@ -428,6 +429,17 @@ def log_dataset(mlflow, paths: Paths) -> None:
         warnings.simplefilter("ignore", UserWarning)
         source = resolve_dataset_source(str(paths.prepared))
     mlflow.log_input(MetaDataset(source, name=paths.dataset, digest=digest), context="training")
+    # its classes (folder names for a declared dataset, in label order) and what prepare found
+    classes = files.read_json(paths.prepared / "stats.json", produced_by="prepare")["classes"]
+    listed = json.dumps(classes, ensure_ascii=False)  # the whole list: dataset/prepare.json
+    mlflow.set_tags(
+        {
+            "dataset.classes": listed if len(listed) <= 5000 else f"{listed[:4990]} …",
+            "dataset.num_classes": str(len(classes)),
+        }
+    )
+    if paths.prepare_report.exists():
+        mlflow.log_artifact(str(paths.prepare_report), artifact_path="dataset")
 
 
 def data_hash(paths: Paths) -> str | None:

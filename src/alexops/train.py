@@ -24,6 +24,7 @@ from tqdm import tqdm
 from alexops import augment, distributed, files, lrn, tracking
 from alexops import model as model_module
 from alexops import progress as progress_line
+from alexops.cache import take
 from alexops.errors import AlexopsError
 from alexops.evaluate import predict_probabilities
 from alexops.model import AlexNet, count_parameters, pick_device
@@ -221,7 +222,8 @@ def split_validation(paths: Paths, val_size: int, seed: int):
         )
     order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(seed))
     val, train = order[:val_size], order[val_size:]
-    return images[train], labels[train], images[val], labels[val]
+    # a cache too large for memory stays memory-mapped, and batches are read from it as indexed
+    return take(images, train), labels[train], take(images, val), labels[val]
 
 
 def train_epoch(model, session: Session, images, labels, opts: TrainParams, epoch, seed, progress):

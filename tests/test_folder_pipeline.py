@@ -1,0 +1,136 @@
+"""A folder of images through the whole pipeline under a real `dvc repro`, served by its class names."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import subprocess
+import sys
+
+import httpx
+import numpy as np
+import yaml
+from conftest import VENV_BIN, run
+from imagesets import CLASSES, encode, shape_image, write_folder
+from test_pipeline import commit_all, registry, stages_run
+from test_serve import start_server, stop_server
+
+DVC = f"{VENV_BIN}/dvc"
+STAGES = ["fetch", "prepare", "train", "evaluate", "export", "quantize", "register"]
+
+
+def digests(folder) -> dict[str, str]:
+    return {
+        str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in folder.rglob("*")
+        if p.is_file()
+    }
+
+
+def test_a_folder_dataset_trains_registers_and_serves_its_class_names(workspace, ws_env, tmp_path):
+    run([DVC, "remote", "add", "-d", "shared", str(tmp_path / "remote")], workspace, ws_env)
+    run([DVC, "repro", "fetch"], workspace, ws_env)  # the built-in dataset's raw data, left alone below
+    built_in = digests(workspace / "data" / "raw" / "fashion-mnist")
+
+    images = workspace / "datasets" / "shapes"
+    write_folder(images, per_class=14, size=(48, 64))
+    (images / "square" / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a JPEG")
+    run([DVC, "add", "datasets/shapes"], workspace, ws_env)  # the raw images: a DVC-tracked input
+    params = yaml.safe_load((workspace / "params.yaml").read_text())
+    params["base"]["dataset"] = "shapes"
+    params["datasets"] = {"shapes": {"source": "datasets/shapes", "test_fraction": 0.25}}
+    params["prepare"]["bad_files"] = "skip"
+    params["train"] |= {"epochs": 3, "val_size": 6, "batch_size": 8}
+    params["quantize"]["calibration_images"] = 16
+    (workspace / "params.yaml").write_text(yaml.safe_dump(params))
+    commit_all(workspace, "the shapes dataset")
+
+    first = run([DVC, "repro"], workspace, ws_env)
+    assert stages_run(first.stdout) == STAGES
+    reports = workspace / "reports" / "shapes"
+    found = json.loads((reports / "prepare.json").read_text())
+    assert found["classes"] == list(CLASSES) and found["images"] == {"train": 30, "test": 12}
+    assert [(p["path"], p["reason"]) for p in found["problems"]] == [("square/broken.jpg", "corrupt_image")]
+    evaluation = json.loads((reports / "evaluate.json").read_text())
+    assert list(evaluation["per_class_accuracy"]) == list(CLASSES)
+    assert set((reports / "confusion.csv").read_text().splitlines()[1:]) <= {
+        f'"{a}","{p}"' for a in CLASSES for p in CLASSES
+    }
+    record = json.loads((reports / "register.json").read_text())
+    assert (record["model_name"], record["version"], record["alias"]) == ("alexnet-shapes", "1", "champion")
+    run_data = registry(ws_env).get_run(record["run_id"]).data
+    assert json.loads(run_data.tags["dataset.classes"]) == list(CLASSES)
+    assert run_data.params["datasets.shapes.source"] == "datasets/shapes"
+    experiment = registry(ws_env).get_experiment(
+        registry(ws_env).get_run(record["run_id"]).info.experiment_id
+    )
+    assert experiment.name == "alexops-shapes"
+
+    check_the_server_answers_with_the_folders_class_names(workspace, ws_env, tmp_path)
+    check_predict_names_the_classes(workspace, ws_env)
+    check_a_fresh_clone_pulls_the_images(workspace, ws_env, tmp_path / "clone")
+
+    # one image changed: fetch records the folder again, and prepare and every stage after it are due
+    (images / "circle" / "000.png").write_bytes(encode(shape_image("circle", (48, 64), seed=999), "PNG"))
+    again = run([DVC, "repro", "prepare"], workspace, ws_env)
+    assert stages_run(again.stdout) == ["fetch", "prepare"]
+    assert json.loads((reports / "prepare.json").read_text())["images"] == found["images"]
+    status = yaml.safe_load(run([DVC, "status", "--json"], workspace, ws_env).stdout)
+    assert {"train", "evaluate", "export", "quantize"} <= set(status)  # the prepared data they read changed
+    assert digests(workspace / "data" / "raw" / "fashion-mnist") == built_in  # the other dataset untouched
+
+
+def check_the_server_answers_with_the_folders_class_names(workspace, ws_env, tmp_path) -> None:
+    log = tmp_path / "serve.log"
+    env = ws_env | {"PYTHONPATH": str(workspace / "src")}
+    server = start_server(log, "--model-uri", "models:/alexnet-shapes@champion", env=env)
+    try:
+        model = httpx.get(f"{server.url}/v1/model", timeout=30).json()
+        assert model["classes"] == list(CLASSES) and model["capture"]["kind"] == "photo"
+        photo = encode(shape_image("triangle", (300, 400), seed=5), "JPEG", quality=90)
+        answer = httpx.post(f"{server.url}/v1/predict", files={"file": ("t.jpg", photo)}, timeout=30).json()
+        (prediction,) = answer["predictions"]
+        assert [c["class"] for c in prediction["top_k"]] and {c["class"] for c in prediction["top_k"]} <= set(
+            CLASSES
+        )
+        assert prediction["capture"]["applied"] == "photo"  # squared as the folder's images were
+        name, shape = model["name"], model["input"]["shape"][1:]
+        # the Open Inference Protocol's classification extension names the classes too
+        v2 = httpx.post(
+            f"{server.url}/v2/models/{name}/infer",
+            json={
+                "inputs": [{"name": "image", "shape": [1, *shape], "datatype": "FP32",
+                            "data": np.zeros(int(np.prod(shape)), np.float32).tolist()}],
+                "outputs": [{"name": "probabilities", "parameters": {"classification": 3}}],
+            },
+            timeout=30,
+        )  # fmt: skip
+        assert v2.status_code == 200, v2.text
+        labels = [entry.split(":", 2)[2] for entry in v2.json()["outputs"][0]["data"]]
+        assert sorted(labels) == sorted(CLASSES)
+    finally:
+        stop_server(server)
+
+
+def check_predict_names_the_classes(workspace, ws_env) -> None:
+    image = workspace / "datasets" / "shapes" / "square" / "001.jpg"
+    command = [sys.executable, "-m", "alexops.cli", "predict", "--model-uri", "artifacts/shapes/model.onnx"]
+    done = subprocess.run(
+        [*command, str(image)],
+        cwd=workspace, env=ws_env | {"PYTHONPATH": str(workspace / "src")}, capture_output=True, text=True,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    (line,) = done.stdout.strip().splitlines()
+    assert {c["class"] for c in json.loads(line)["top_k"]} <= set(CLASSES)
+
+
+def check_a_fresh_clone_pulls_the_images(workspace, ws_env, clone) -> None:
+    run([DVC, "push"], workspace, ws_env)
+    commit_all(workspace, "results")
+    run(["git", "clone", "-q", str(workspace), str(clone)], workspace)
+    run([DVC, "pull"], clone, ws_env)
+    assert digests(clone / "datasets" / "shapes") == digests(workspace / "datasets" / "shapes")
+    for path in ("data/prepared/shapes/images.npy", "artifacts/shapes/model.onnx"):
+        assert (clone / path).read_bytes() == (workspace / path).read_bytes()
+    status = run([DVC, "status"], clone, ws_env).stdout
+    assert "up to date" in status, status

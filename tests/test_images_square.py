@@ -1,0 +1,93 @@
+"""The decoder's entry points for photo folders: the paper's square crop and JPEG draft decoding."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from alexops import images
+
+
+def jpeg(array: np.ndarray, quality: int = 95, **options) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(array).save(buffer, "JPEG", quality=quality, **options)
+    return buffer.getvalue()
+
+
+def gradient(height: int, width: int) -> np.ndarray:
+    """RGB (H, W, 3): red grows to the right, green downwards, blue constant: position is readable."""
+    y, x = np.mgrid[0:height, 0:width]
+    return np.stack([x * 255 // (width - 1), y * 255 // (height - 1), np.full_like(x, 90)], -1).astype(
+        np.uint8
+    )
+
+
+def test_an_image_already_at_the_size_comes_back_bit_for_bit():
+    pixels = np.random.default_rng(0).integers(0, 256, (1, 28, 28), dtype=np.uint8)
+    assert images.square(pixels, 28) is pixels
+
+
+@pytest.mark.parametrize(("height", "width"), [(300, 400), (400, 300), (64, 64), (10, 30)])
+def test_the_shorter_side_goes_to_the_size_and_the_centre_square_stays(height, width):
+    pixels = gradient(height, width).transpose(2, 0, 1)
+    out = images.square(pixels, 32)
+    assert out.shape == (3, 32, 32) and out.dtype == np.uint8
+    side = min(height, width)
+    top, left = (height - side) // 2, (width - side) // 2
+    reference = Image.fromarray(gradient(height, width)[top : top + side, left : left + side])
+    expected = np.asarray(reference.resize((32, 32), Image.Resampling.BILINEAR)).transpose(2, 0, 1)
+    # the same crop, resized by Pillow's own filter: equal up to the sub-pixel box's half pixel
+    assert np.abs(out.astype(int) - expected.astype(int)).max() <= 4
+
+
+def test_one_channel_and_three_channels_agree():
+    gray = gradient(90, 120)[..., 0]
+    one = images.square(gray[None], 40)
+    three = images.square(np.repeat(gray[None], 3, axis=0), 40)
+    assert one.shape == (1, 40, 40) and np.array_equal(three[0], one[0]) and np.array_equal(three[2], one[0])
+
+
+def test_draft_decodes_a_large_jpeg_at_a_dct_scale_never_below_the_size():
+    data = jpeg(gradient(768, 1024))
+    full = images.read(data, 3)
+    drafted = images.read(data, 3, draft=100)
+    assert full.colour.shape == (3, 768, 1024)
+    assert drafted.colour.shape == (3, 192, 256)  # 1/4: 1/8 would make the short side 96 < 100
+    assert images.read(data, 3, draft=500).colour.shape == (3, 768, 1024)  # 1/2 would be 384 < 500
+    gray = images.read(data, 1, draft=100)
+    assert gray.colour.shape == (1, 192, 256)  # straight from the luma plane
+
+
+def test_draft_leaves_other_formats_alone():
+    buffer = io.BytesIO()
+    Image.fromarray(gradient(768, 1024)).save(buffer, "PNG")
+    assert images.read(buffer.getvalue(), 3, draft=100).colour.shape == (3, 768, 1024)
+
+
+def test_dimensions_from_the_header():
+    assert images.dimensions(jpeg(gradient(30, 50))) == (50, 30)
+    assert images.dimensions(b"not an image") is None
+
+
+def test_a_folder_datasets_capture_squares_every_photo_upright():
+    recipe = images.Capture(kind="photo", background=(255, 255, 255), size=64, source="a folder")
+    exif = Image.Exif()
+    exif[0x0112] = 6  # stored rotated: the viewer turns it 90° clockwise
+    data = jpeg(gradient(480, 640), exif=exif.tobytes())
+    pixels, done = images.capture(data, 3, recipe, "auto")
+    assert pixels.shape == (3, 64, 64) and done.applied == "photo"
+    # upright, the stored image's left column (red 0) is at the top: red grows downwards
+    assert pixels[0, 5, 32] < pixels[0, 58, 32]
+    assert images.capture(data, 3, recipe, "dataset")[0].shape == (3, 64, 64)
+    kept, none = images.capture(data, 3, recipe, "none")
+    assert kept.shape == (3, 640, 480) and none.applied == "none"
+
+
+def test_a_photo_dataset_without_a_size_still_applies_nothing():
+    data = jpeg(gradient(48, 64))
+    recipe = images.Capture(kind="photo", background=(255,), source="CIFAR-like")
+    pixels, done = images.capture(data, 3, recipe, "auto")
+    assert pixels.shape == (3, 48, 64) and done.applied == "none"
