@@ -72,7 +72,14 @@ class TrainParams:
     weight_decay: float = _rule(5e-4, min=0.0, max=0.1)
     schedule: str = _rule("onecycle", choices=("plateau", "onecycle", "cosine", "constant"))
     warmup_epochs: float = _rule(0.0, min=0.0, max=100.0)
+    # Cross-entropy against (1 - ε) one-hot + ε uniform (Szegedy et al. 2016, §7).
     label_smoothing: float = _rule(0.0, min=0.0, max=0.5)
+    # Random erasing (Zhong et al. 2020): the probability that an image gets a random rectangle
+    # (2-40% of its area) replaced by noise, after the paper's augmentation; 0 turns it off.
+    erasing: float = _rule(0.0, min=0.0, max=1.0)
+    # Per-step decay of an exponential moving average of the weights, which is then what is
+    # validated and shipped (w_avg ← d·w_avg + (1 - d)·w; horizon ≈ 1/(1 - d) steps); 0: off.
+    ema_decay: float = _rule(0.0, min=0.0, max=0.99999)
     # Held out of the training set for per-epoch validation and the plateau schedule.
     val_size: int = _rule(5000, min=0)
     flip: bool = _rule(True)
