@@ -1,0 +1,174 @@
+"""What each recipe change buys: accuracy from full training runs, cost as interleaved ratios.
+
+    python benchmarks/bench_recipe.py accuracy NAME [--set KEY=VALUE ...] [--seed 42]
+    python benchmarks/bench_recipe.py cost NAME=KEY=VALUE,KEY=VALUE ... [--rounds 6]
+    python benchmarks/bench_recipe.py table
+
+CPU training here is seeded and deterministic (same thread count), so an accuracy run gives
+the same figures on a busy machine as on a quiet one; its seconds do not. So each change's
+cost is measured apart, as img/s of its training step (augmentation and weight averaging
+included) against the baseline recipe's step, the two taking turns in rounds on the same
+synthetic batches: a ratio that a shared machine's drift slows alike on both sides.
+`table` joins the two: the estimated quiet-machine seconds of a variant are the baseline's
+measured seconds (a quiet-machine `make bench`, results/recipe/baseline-quiet.json) times the
+epoch-count ratio divided by the speed ratio (per-epoch validation counted as training).
+
+Results: benchmarks/results/recipe/<name>-seed<seed>.json (accuracy) and
+benchmarks/results/recipe/cost.json; each holds the command that made it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+import yaml
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+
+import bench_train  # noqa: E402
+
+from alexops import params  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results" / "recipe"
+DATA = Path("/usr/share/datasets/fashion-mnist")
+
+
+# The recipe this work started from (commit 1773234: 92.14% after 856 s on a quiet machine);
+# its quiet-machine `make bench` result is kept as results/recipe/baseline-quiet.json.
+BASELINE_RUN = RESULTS / "baseline-quiet.json"
+
+
+def baseline_train() -> dict:
+    return dict(json.loads(BASELINE_RUN.read_text())["train_params"])
+
+
+def options(changes: list[str]) -> params.TrainParams:
+    """The baseline train params with `key=value` changes (YAML values), validated."""
+    section = baseline_train()
+    for item in changes:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise SystemExit(f"--set {item!r}: expected KEY=VALUE, e.g. label_smoothing=0.1")
+        section[key.removeprefix("train.")] = yaml.safe_load(value)
+    return params.from_dict({"train": section}).train
+
+
+def command() -> str:
+    return " ".join(shlex.quote(a) for a in [Path(sys.executable).name, *sys.argv])
+
+
+def accuracy(args) -> None:
+    opts = options(args.set)
+    device = torch.device("cpu")
+    torch.set_num_threads(args.threads)
+    started = time.time()
+    save = ROOT / "artifacts" / "bench" / f"{args.name}-seed{args.seed}.pt"  # git-ignored, for bench_int8
+    run = bench_train.accuracy_run(args.data, opts, device, args.seed, ten_crop=True, save=save)
+    result = {
+        "name": args.name,
+        "command": command(),
+        "changes": args.set,
+        "seed": args.seed,
+        "threads": torch.get_num_threads(),
+        "train_params": vars(opts),
+        "test_accuracy_ten_crop": run["test_accuracy_ten_crop"],
+        "test_accuracy_center_crop": run["test_accuracy_center_crop"],
+        # on a shared machine these seconds are not the recipe's: see `table`
+        "train_seconds_as_run": run["train_seconds"],
+        "started": time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(started)),
+        "history": run["history"],
+    }
+    out = RESULTS / f"{args.name}-seed{args.seed}.json"
+    bench_train.write_json_atomic(out, result)
+    print(
+        f"{args.name} (seed {args.seed}): test accuracy {result['test_accuracy_ten_crop']:.4f} 10-crop, "
+        f"{result['test_accuracy_center_crop']:.4f} centre; wrote {out}"
+    )
+
+
+def cost(args) -> None:
+    """img/s of each variant's training step against the baseline recipe's, in turns."""
+    torch.set_num_threads(args.threads)
+    device = torch.device("cpu")
+    images, labels = bench_train.synthetic(4096)
+    variants = {"baseline": options([])}
+    for spec in args.variants:
+        name, _, changes = spec.partition("=")
+        variants[name] = options([c for c in changes.split(",") if c])
+    runs = {}
+    for name, opts in variants.items():
+        step, per_step, _ = bench_train.alexops_step(images, labels, opts, device)
+        runs[name] = (step, per_step, max(1, round(args.images / per_step)))
+    speeds = bench_train.timed_rounds(runs, args.rounds, warmup=2, device=device)
+    base = speeds["baseline"]
+    result = {"command": command(), "threads": torch.get_num_threads(), "rounds": args.rounds, "variants": {}}
+    for name, opts in variants.items():
+        ratios = [v / b for v, b in zip(speeds[name], base, strict=True)]
+        result["variants"][name] = {
+            "train_params": vars(opts),
+            "img_per_s_by_round": speeds[name],
+            "speed_vs_baseline": statistics.median(ratios),
+            "speed_vs_baseline_by_round": ratios,
+        }
+        low, high = min(ratios), max(ratios)
+        print(f"{name}: {statistics.median(ratios):.3f}× the baseline step (rounds {low:.3f}–{high:.3f})")
+    out = RESULTS / (args.out or "cost.json")
+    previous = json.loads(out.read_text()) if out.exists() and args.merge else None
+    if previous:  # keep earlier variants measured against the same baseline step
+        previous["variants"] |= result["variants"]
+        previous.setdefault("commands", [previous.pop("command")]).append(result["command"])
+        result = previous
+    bench_train.write_json_atomic(out, result)
+    print(f"wrote {out}")
+
+
+def table(args) -> None:
+    quiet = json.loads(BASELINE_RUN.read_text())
+    base_seconds, base_epochs = quiet["accuracy_run"]["train_seconds"], quiet["train_params"]["epochs"]
+    costs = {}
+    for path in sorted(RESULTS.glob("cost*.json")):
+        costs |= json.loads(path.read_text())["variants"]
+    print("| variant | changes | seed | test acc. (10-crop) | centre crop | est. quiet s |")
+    print("| --- | --- | --- | --- | --- | --- |")
+    for path in sorted(RESULTS.glob("*-seed*.json")):
+        r = json.loads(path.read_text())
+        speed = costs.get(r["name"], {}).get("speed_vs_baseline")
+        epochs = r["train_params"]["epochs"]
+        seconds = f"{base_seconds * epochs / base_epochs / speed:.0f}" if speed else "?"
+        print(
+            f"| {r['name']} | {', '.join(r['changes']) or '(baseline)'} | {r['seed']} | "
+            f"{r['test_accuracy_ten_crop']:.2%} | {r['test_accuracy_center_crop']:.2%} | {seconds} |"
+        )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--threads", type=int, default=2)
+    sub = parser.add_subparsers(dest="mode", required=True)
+    acc = sub.add_parser("accuracy")
+    acc.add_argument("name")
+    acc.add_argument("--set", action="append", default=[])
+    acc.add_argument("--seed", type=int, default=42)
+    acc.add_argument("--data", type=Path, default=DATA)
+    cst = sub.add_parser("cost")
+    cst.add_argument("variants", nargs="*", help="NAME=KEY=VALUE,KEY=VALUE")
+    cst.add_argument("--rounds", type=int, default=6)
+    cst.add_argument("--images", type=int, default=3072, help="images per variant per round")
+    cst.add_argument("--out", default=None)
+    cst.add_argument("--merge", action="store_true", help="add to an existing cost file")
+    sub.add_parser("table")
+    args = parser.parse_args()
+    {"accuracy": accuracy, "cost": cost, "table": table}[args.mode](args)
+
+
+if __name__ == "__main__":
+    main()
