@@ -2,16 +2,16 @@
 whole test set.
 
     python benchmarks/bench_int8.py MODEL.pt [MODEL.pt ...] [--data DIR] [--rounds 10]
-        [--variants lrn-inputs-float,all-convs] [--out FILE]
+        [--variants conv1-2-float,conv1-float,all-int8] [--out FILE]
 
 Each MODEL.pt is a trained model in train's format (artifacts/<dataset>/model.pt, or what
-`bench_recipe.py accuracy` saves under artifacts/bench/). For each: export to ONNX as the
-export stage does, quantise as the quantize stage does (static QDQ, 512 calibration training
-images) and, as a second variant, with every convolution but the LRN's window sums in int8;
-then the centre-crop test accuracy of every session on all 10,000 test images, and speed as
-the sessions take turns in `--rounds` rounds (speed-up = median of the per-round ratios, as
-this shared machine's speed drifts), pausing between turns since onnxruntime's idle threads
-spin for a while after a run.
+`bench_train.py --save` and `bench_recipe.py accuracy` write under artifacts/bench/). For
+each: export to ONNX as the export stage does; quantise as the quantize stage does (static
+QDQ, 512 calibration training images) with conv1 and conv2 float (the stage's default), with
+conv1 alone float, and with every layer but the LRNs int8; then the centre-crop test accuracy
+of every session on all 10,000 test images, and speed with the sessions taking turns in
+`--rounds` rounds (speed-up = median of the per-round ratios, as this shared machine's speed
+drifts), pausing between turns since onnxruntime's idle threads spin for a while after a run.
 """
 
 from __future__ import annotations
@@ -54,16 +54,16 @@ def exported(model_path: Path, workdir: Path):
     return path, config, recipe, count_parameters(model), macs
 
 
+# name → the paper's convolutions kept float (the LRNs always are)
+VARIANTS = {"conv1-2-float": ("conv1", "conv2"), "conv1-float": ("conv1",), "all-int8": ()}
+
+
 def int8_variants(fp32: Path, batches: list[np.ndarray], names: list[str]) -> dict[str, bytes]:
-    """`lrn-inputs-float`: the quantize stage's default (conv1, conv2 and the LRNs float);
-    `all-convs`: only the LRNs' window sums stay float."""
-    made = {}
-    for name in names:
-        proto = quantize.quantize(
-            fp32, batches, export.INPUT_NAME, lrn_inputs_float=name == "lrn-inputs-float"
-        )
-        made[name] = proto.SerializeToString()
-    return made
+    """One int8 model per variant; `conv1-2-float` is the quantize stage's default."""
+    return {
+        name: quantize.quantize(fp32, batches, export.INPUT_NAME, VARIANTS[name]).SerializeToString()
+        for name in names
+    }
 
 
 def timed_turns(sessions: dict[str, ort.InferenceSession], batch: np.ndarray, rounds: int, seconds: float):
@@ -134,7 +134,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=10)
     parser.add_argument("--turn-seconds", type=float, default=1.0)
     parser.add_argument("--calibration", type=int, default=512)
-    parser.add_argument("--variants", default="lrn-inputs-float,all-convs")
+    parser.add_argument("--variants", default=",".join(VARIANTS), help=f"of {', '.join(VARIANTS)}")
     parser.add_argument("--out", type=Path, default=OUT)
     args = parser.parse_args()
     args.variants = [v for v in args.variants.split(",") if v]

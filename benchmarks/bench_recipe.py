@@ -1,14 +1,14 @@
 """What each recipe change buys: accuracy from full training runs, cost as interleaved ratios.
 
     python benchmarks/bench_recipe.py accuracy NAME [--set KEY=VALUE ...] [--seed 42]
-    python benchmarks/bench_recipe.py cost NAME=KEY=VALUE,KEY=VALUE ... [--rounds 6]
+    python benchmarks/bench_recipe.py cost NAME=KEY=VALUE,KEY=VALUE ... [--steps 60]
     python benchmarks/bench_recipe.py table
 
 CPU training here is seeded and deterministic (same thread count), so an accuracy run gives
 the same figures on a busy machine as on a quiet one; its seconds do not. So each change's
 cost is measured apart, as img/s of its training step (augmentation and weight averaging
-included) against the baseline recipe's step, the two taking turns in rounds on the same
-synthetic batches: a ratio that a shared machine's drift slows alike on both sides.
+included) against the baseline recipe's step, the variants taking turns step by step on the
+same synthetic batches: a ratio that a shared machine's load slows alike on both sides.
 `table` joins the two: the estimated quiet-machine seconds of a variant are the baseline's
 measured seconds (a quiet-machine `make bench`, results/recipe/baseline-quiet.json) times the
 epoch-count ratio divided by the speed ratio (per-epoch validation counted as training).
@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shlex
 import statistics
 import sys
@@ -96,7 +97,12 @@ def accuracy(args) -> None:
 
 
 def cost(args) -> None:
-    """img/s of each variant's training step against the baseline recipe's, in turns."""
+    """img/s of each variant's training step against the baseline recipe's, step by step in turns.
+
+    The variants alternate one step at a time, so that other processes slow them alike; each
+    variant's speed is its batch over the `--quantile` (default: the lower quartile) of its
+    step times, which leaves out the steps that another process interrupted.
+    """
     torch.set_num_threads(args.threads)
     device = torch.device("cpu")
     images, labels = bench_train.synthetic(4096)
@@ -104,29 +110,44 @@ def cost(args) -> None:
     for spec in args.variants:
         name, _, changes = spec.partition("=")
         variants[name] = options([c for c in changes.split(",") if c])
-    runs = {}
+    steps = {
+        name: bench_train.alexops_step(images, labels, opts, device)[:2] for name, opts in variants.items()
+    }
+    for step, _ in steps.values():  # warm-up: first calls pick kernels and touch fresh memory
+        for _ in range(3):
+            step()
+    times: dict[str, list[float]] = {name: [] for name in variants}
+    for _ in range(args.steps):
+        for name, (step, _) in steps.items():
+            started = time.perf_counter()
+            step()
+            times[name].append(time.perf_counter() - started)
+    speed = {
+        name: steps[name][1] / statistics.quantiles(times[name], n=100)[round(100 * args.quantile) - 1]
+        for name in variants
+    }
+    median = {name: steps[name][1] / statistics.median(times[name]) for name in variants}
+    result = {
+        "command": command(),
+        "threads": torch.get_num_threads(),
+        "steps": args.steps,
+        "quantile": args.quantile,
+        "loadavg_1min": os.getloadavg()[0],
+        "variants": {},
+    }
     for name, opts in variants.items():
-        step, per_step, _ = bench_train.alexops_step(images, labels, opts, device)
-        runs[name] = (step, per_step, max(1, round(args.images / per_step)))
-    speeds = bench_train.timed_rounds(runs, args.rounds, warmup=2, device=device)
-    base = speeds["baseline"]
-    result = {"command": command(), "threads": torch.get_num_threads(), "rounds": args.rounds, "variants": {}}
-    for name, opts in variants.items():
-        ratios = [v / b for v, b in zip(speeds[name], base, strict=True)]
         result["variants"][name] = {
             "train_params": vars(opts),
-            "img_per_s_by_round": speeds[name],
-            "speed_vs_baseline": statistics.median(ratios),
-            "speed_vs_baseline_by_round": ratios,
+            "img_per_s": speed[name],
+            "img_per_s_median_step": median[name],
+            "speed_vs_baseline": speed[name] / speed["baseline"],
+            "speed_vs_baseline_median_step": median[name] / median["baseline"],
         }
-        low, high = min(ratios), max(ratios)
-        print(f"{name}: {statistics.median(ratios):.3f}× the baseline step (rounds {low:.3f}–{high:.3f})")
+        print(
+            f"{name}: {speed[name] / speed['baseline']:.3f}× the baseline step "
+            f"(median steps: {median[name] / median['baseline']:.3f}×; {speed[name]:.0f} img/s)"
+        )
     out = RESULTS / (args.out or "cost.json")
-    previous = json.loads(out.read_text()) if out.exists() and args.merge else None
-    if previous:  # keep earlier variants measured against the same baseline step
-        previous["variants"] |= result["variants"]
-        previous.setdefault("commands", [previous.pop("command")]).append(result["command"])
-        result = previous
     bench_train.write_json_atomic(out, result)
     print(f"wrote {out}")
 
@@ -161,10 +182,9 @@ def main() -> None:
     acc.add_argument("--data", type=Path, default=DATA)
     cst = sub.add_parser("cost")
     cst.add_argument("variants", nargs="*", help="NAME=KEY=VALUE,KEY=VALUE")
-    cst.add_argument("--rounds", type=int, default=6)
-    cst.add_argument("--images", type=int, default=3072, help="images per variant per round")
-    cst.add_argument("--out", default=None)
-    cst.add_argument("--merge", action="store_true", help="add to an existing cost file")
+    cst.add_argument("--steps", type=int, default=60, help="timed steps per variant")
+    cst.add_argument("--quantile", type=float, default=0.25, help="of the step times (0.5: median)")
+    cst.add_argument("--out", default=None, help="file name under results/recipe (default cost.json)")
     sub.add_parser("table")
     args = parser.parse_args()
     {"accuracy": accuracy, "cost": cost, "table": table}[args.mode](args)

@@ -268,6 +268,9 @@ def main() -> None:
     parser.add_argument("--data", type=Path, default=Path("/usr/share/datasets/fashion-mnist"))
     parser.add_argument("--max-train", type=int, default=0, help="train on this many images (dry runs)")
     parser.add_argument("--no-ten-crop", action="store_true")
+    parser.add_argument(
+        "--save", type=Path, default=None, help="write the trained model here (train's format)"
+    )
     parser.add_argument("--skip-seed", action="store_true")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
@@ -297,7 +300,7 @@ def main() -> None:
         )
     if args.epochs:
         result["accuracy_run"] = accuracy_run(
-            args.data, opts, device, 42, not args.no_ten_crop, max_train=args.max_train
+            args.data, opts, device, 42, not args.no_ten_crop, save=args.save, max_train=args.max_train
         )
         run = result["accuracy_run"]
         print(

@@ -149,3 +149,21 @@ def test_recipe_params_are_validated(decay):
         with pytest.raises(params.AlexopsError, match=f"train.{next(iter(bad))}"):
             params.from_dict({"train": bad})
     assert math.isclose(params.TrainParams().ema_decay, 0.0)
+
+
+def test_float_layers_pick_the_papers_convolutions_and_always_the_lrns():
+    from alexops import export, quantize
+
+    proto = export.to_onnx(AlexNet(1, 10, image_size=67, width=0.0625).eval(), torch.zeros(2, 1, 67, 67), 18)
+    convs = [n.name for n in proto.graph.node if n.op_type == "Conv"]  # conv1, sum1, conv2, sum2, conv3-5
+    kernels = {t.name: list(t.dims) for t in proto.graph.initializer}
+    window_sums = [
+        n.name for n in proto.graph.node if n.op_type == "Conv" and kernels[n.input[1]][2:] == [1, 1]
+    ]
+    assert len(convs) == 7 and len(window_sums) == 2
+    assert quantize.float_convs(proto, ()) == window_sums
+    assert set(quantize.float_convs(proto, ("conv1",))) == {convs[0], *window_sums}
+    assert set(quantize.float_convs(proto)) == {convs[0], convs[2], *window_sums}
+    assert set(quantize.float_convs(proto, ("conv5",))) == {convs[-1], *window_sums}
+    with pytest.raises(params.AlexopsError, match="quantize.float_layers may list only conv1"):
+        params.from_dict({"quantize": {"float_layers": ["fc6"]}})

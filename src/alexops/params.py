@@ -113,6 +113,10 @@ class QuantizeParams:
     calibration_images: int = _rule(512, min=1, max=100000)
     # The stage fails when int8 test accuracy is below fp32's by more than this (0.005 = 0.5 points).
     max_accuracy_drop: float = _rule(0.005, min=0.0, max=1.0)
+    # The paper's convolutions kept in float (the LRNs always are); [] quantises every one.
+    float_layers: tuple[str, ...] = _rule(
+        ("conv1", "conv2"), items=("conv1", "conv2", "conv3", "conv4", "conv5")
+    )
 
 
 @dataclass(frozen=True)
@@ -218,6 +222,9 @@ def _check(key: str, value: Any, hint: Any, rules: typing.Mapping[str, Any]) -> 
         raise AlexopsError(f"{key} must be ≥ {rules['min']}, got {value!r}.")
     if "max" in rules and value > rules["max"]:
         raise AlexopsError(f"{key} must be ≤ {rules['max']}, got {value!r}.")
+    if "items" in rules and any(item not in rules["items"] for item in value):
+        bad = next(item for item in value if item not in rules["items"])
+        raise AlexopsError(f"{key} may list only {', '.join(rules['items'])}; got {printable(str(bad))!r}.")
     if "min_len" in rules and len(value) < rules["min_len"]:
         raise AlexopsError(f"{key} must list at least {rules['min_len']} item(s).")
     if rules.get("sha256_values"):
