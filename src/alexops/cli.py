@@ -1,42 +1,131 @@
-"""`alexops <stage>`: the one entry point DVC, Prefect and people call."""
+"""`alexops <stage>`: the one entry point DVC, Prefect and people call.
+
+Two things happen before a stage starts:
+
+- **The project's own code runs.** When the project root holds `src/alexops` and this process
+  imported alexops from elsewhere (an editable install points at the workspace, but
+  `dvc exp run --temp/--queue` runs each stage in a temporary copy holding the experiment's
+  code), the command re-executes itself with that `src/` first on the path.
+- **Signals end a stage cleanly.** SIGTERM (systemd, Kubernetes, `docker stop`, Prefect's
+  cancel) and SIGHUP raise `Interrupted` like Ctrl-C does, so the stage unwinds: its MLflow run
+  ends KILLED, locks are released, child processes stop, checkpoints written so far stay. A
+  second signal ends the process at once. DVC does not pass SIGTERM on to the stage it runs (it
+  dies and leaves the stage running), so on Linux a stage whose parent is DVC asks the kernel for
+  SIGTERM when that parent dies (prctl PR_SET_PDEATHSIG).
+
+Exit codes: 0 done; 2 an error the user can fix (retrying will fail the same way); 75
+(EX_TEMPFAIL) an error that may pass by itself (a network, a server); 128 + N killed by signal N.
+"""
 
 from __future__ import annotations
 
 import argparse
+import ctypes
 import importlib
+import multiprocessing
+import os
+import signal
 import sys
 import time
 from pathlib import Path
 
-from alexops import commands
+import alexops
+from alexops import commands, sweep
 from alexops.errors import AlexopsError
 
 STAGES = ("fetch", "prepare", "train", "evaluate", "export", "quantize", "register")
+EXIT_USER_ERROR = 2
+EXIT_TRANSIENT = 75  # sysexits.h EX_TEMPFAIL: try again later
+REEXEC_ENV = "ALEXOPS_SOURCE"  # the src/ a re-executed process was started for (no second re-exec)
+GRACEFUL_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+
+class Interrupted(KeyboardInterrupt):
+    """A stage stopped by a signal (SIGINT, SIGTERM, SIGHUP); its name is the message."""
+
+    @property
+    def signal_number(self) -> int:
+        return int(signal.Signals[str(self)]) if str(self) in signal.Signals.__members__ else signal.SIGINT
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="alexops", description=__doc__)
+    parser = argparse.ArgumentParser(prog="alexops", description=__doc__.split("\n\n")[0])
     parser.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
     parser.add_argument("--root", default=".", help="project root holding data/ and artifacts/")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for stage in STAGES:
         sub.add_parser(stage, help=f"run the {stage} stage")
     commands.add_parsers(sub)  # serve, predict: not stages, each with its own arguments
+    sweep.add_parser(sub)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        if argv is None:  # a command line of its own (not a call from Python): it may re-execute
+            run_project_source(Path(args.root))
         if args.command in commands.NAMES:
             return commands.run(args)
+        handle_signals()
+        if args.command == "sweep":
+            return sweep.run(args)
         return run_stage(args.command, Path(args.params), Path(args.root))
     except AlexopsError as exc:
         print(f"alexops {args.command}: error: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print(f"alexops {args.command}: interrupted; completed outputs are kept", file=sys.stderr)
-        return 130
+        return EXIT_TRANSIENT if exc.transient else EXIT_USER_ERROR
+    except KeyboardInterrupt as exc:
+        for child in multiprocessing.active_children():
+            child.terminate()
+        stopped_by = str(exc) if isinstance(exc, Interrupted) else "SIGINT"
+        print(f"alexops {args.command}: stopped by {stopped_by}; completed outputs are kept", file=sys.stderr)
+        return 128 + (exc.signal_number if isinstance(exc, Interrupted) else signal.SIGINT)
+
+
+def run_project_source(root: Path) -> None:
+    """Re-execute with `<root>/src` first on the path when that is not the alexops imported."""
+    source = (root / "src").resolve()
+    if not (source / "alexops" / "__init__.py").is_file():
+        return
+    imported_from = Path(alexops.__file__).resolve().parent.parent
+    if imported_from == source:
+        return
+    if os.environ.get(REEXEC_ENV) == str(source):
+        raise AlexopsError(
+            f"{source}/alexops is the project's code, but Python imports alexops from {imported_from}. "
+            f"Fix: remove what shadows it (PYTHONPATH, a .pth file), or run from {imported_from.parent}."
+        )
+    path = os.pathsep.join(filter(None, (str(source), os.environ.get("PYTHONPATH"))))
+    env = os.environ | {"PYTHONPATH": path, REEXEC_ENV: str(source)}
+    sys.stdout.flush()
+    os.execve(sys.executable, [sys.executable, "-m", "alexops.cli", *sys.argv[1:]], env)
+
+
+def handle_signals() -> None:
+    for number in GRACEFUL_SIGNALS:
+        signal.signal(number, _interrupt)
+    stop_with_dvc()
+
+
+def stop_with_dvc() -> None:
+    """Linux: get SIGTERM when the parent process, if it is DVC, dies."""
+    parent = os.getppid()
+    try:
+        if b"dvc" not in Path(f"/proc/{parent}/cmdline").read_bytes():
+            return
+        libc = ctypes.CDLL(None, use_errno=True)
+    except OSError:  # no /proc, no libc: not Linux
+        return
+    pr_set_pdeathsig = 1  # <linux/prctl.h>
+    libc.prctl(pr_set_pdeathsig, signal.SIGTERM, 0, 0, 0)
+    if os.getppid() != parent:  # DVC died before the request took effect
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
+def _interrupt(number: int, frame) -> None:
+    for other in GRACEFUL_SIGNALS:  # unwinding takes a moment; a second signal ends it at once
+        signal.signal(other, signal.SIG_DFL)
+    raise Interrupted(signal.Signals(number).name)
 
 
 def run_stage(stage: str, params_path: Path, root: Path) -> int:

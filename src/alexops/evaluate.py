@@ -60,6 +60,23 @@ def metrics_from(probs: torch.Tensor, labels: torch.Tensor, classes: list[str]) 
 
 
 def run(params: Params, paths: Paths) -> None:
+    with tracking.continue_run(paths, "evaluate") as mlflow:
+        report = evaluate(params, paths)
+        mlflow.log_metrics({f"test_{k}": v for k, v in report.items() if isinstance(v, float)})
+        mlflow.log_metrics(
+            {f"test_class_{i}_accuracy": v for i, v in enumerate(report["per_class_accuracy"].values())}
+        )
+        for name in ("evaluate.json", "confusion.png", "confusion.csv", "mistakes.png"):
+            mlflow.log_artifact(str(paths.reports / name), artifact_path="evaluate")
+    print(
+        f"evaluate: test accuracy {report['accuracy']:.4f} "
+        f"({'10-crop' if params.evaluate.ten_crop else 'centre'}), "
+        f"centre crop {report['accuracy_center_crop']:.4f}"
+    )
+
+
+def evaluate(params: Params, paths: Paths) -> dict:
+    """Test the trained model; write evaluate.json, confusion.csv, confusion.png and mistakes.png."""
     device = pick_device(params.base.device)
     model, _, recipe, classes = load_trained(paths.model, device)
     images, labels = load_split(paths.prepared / "test.pt")
@@ -83,17 +100,7 @@ def run(params: Params, paths: Paths) -> None:
         augment.preprocess(images[worst], recipe), labels[worst], probs[worst], classes, recipe, how
     )
     files.write_bytes(paths.reports / "mistakes.png", grid)
-    with tracking.continue_run(paths) as mlflow:
-        mlflow.log_metrics({f"test_{k}": v for k, v in report.items() if isinstance(v, float)})
-        mlflow.log_metrics(
-            {f"test_class_{i}_accuracy": v for i, v in enumerate(best["per_class_accuracy"].values())}
-        )
-        for name in ("evaluate.json", "confusion.png", "confusion.csv", "mistakes.png"):
-            mlflow.log_artifact(str(paths.reports / name), artifact_path="evaluate")
-    print(
-        f"evaluate: test accuracy {report['accuracy']:.4f} ({'10-crop' if opts.ten_crop else 'centre'}), "
-        f"centre crop {report['accuracy_center_crop']:.4f}"
-    )
+    return report
 
 
 def write_reports(paths: Paths, report: dict, best: dict, labels: torch.Tensor, classes: list[str]) -> None:

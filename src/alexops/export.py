@@ -18,7 +18,7 @@ import torch
 from alexops import files, tracking
 from alexops.errors import AlexopsError
 from alexops.model import load_trained
-from alexops.params import Params
+from alexops.params import ExportParams, Params
 from alexops.paths import Paths
 
 INPUT_NAME = "image"
@@ -76,6 +76,15 @@ def parity(proto: onnx.ModelProto, model: torch.nn.Module, shape: tuple, seed: i
 
 
 def run(params: Params, paths: Paths) -> None:
+    with tracking.continue_run(paths, "export") as mlflow:
+        report = export(params, paths)
+        mlflow.log_metrics({k: float(v) for k, v in report.items()})
+    worst = max(v for k, v in report.items() if k.startswith("parity_max"))
+    print(f"export: {paths.onnx} ({report['onnx_bytes'] / 1e6:.1f} MB), parity max |diff| {worst:.1e}")
+
+
+def export(params: Params, paths: Paths) -> dict:
+    """Export, check parity, write model.onnx and export.json; nothing is written on failure."""
     model, config, recipe, classes = load_trained(paths.model, "cpu")
     shape = (config["in_channels"], config["image_size"], config["image_size"])
     example = torch.zeros(2, *shape)  # traced at batch 2 so that the batch axis stays symbolic
@@ -89,7 +98,7 @@ def run(params: Params, paths: Paths) -> None:
         raise AlexopsError(
             f"ONNX export at opset {params.export.opset} failed ({exc.__class__.__name__}: "
             f"{(str(exc).splitlines() or [''])[0][:300]}). No ONNX file was written. "
-            "Fix: try export.opset 18 (tested), or report it with the torch and onnx versions."
+            f"Fix: {opset_fix(params.export.opset)}"
         ) from exc
     diffs = parity(proto, model, shape, params.base.seed)
     worst = max(diffs.values())
@@ -97,13 +106,32 @@ def run(params: Params, paths: Paths) -> None:
         raise AlexopsError(
             f"onnxruntime disagrees with PyTorch: max |diff| {worst:.2e} > export.tolerance "
             f"{params.export.tolerance:g} (per batch size: {diffs}). No ONNX file was written. "
-            "Fix: report it with the torch/onnxruntime versions, or try another export.opset."
+            f"Fix: {tolerance_fix(params.export.tolerance, worst)}"
         )
     files.write_bytes(paths.onnx, proto.SerializeToString())
     report = {f"parity_max_abs_diff_batch{n}": d for n, d in diffs.items()}
     report |= {"parity_passed": True, "parity_tolerance": params.export.tolerance}
     report |= {"onnx_bytes": paths.onnx.stat().st_size, "opset": params.export.opset}
     files.write_json(paths.reports / "export.json", report)
-    with tracking.continue_run(paths) as mlflow:
-        mlflow.log_metrics({k: float(v) for k, v in report.items()})
-    print(f"export: {paths.onnx} ({report['onnx_bytes'] / 1e6:.1f} MB), parity max |diff| {worst:.1e}")
+    return report
+
+
+def opset_fix(opset: int) -> str:
+    default = ExportParams().opset
+    if opset != default:
+        return f"export.opset is {opset}, set in params.yaml; use the tested {default}."
+    return f"this is the tested opset {default}: please report it with the torch and onnx versions."
+
+
+def tolerance_fix(tolerance: float, worst: float) -> str:
+    """Name the actual cause: a tolerance the user tightened, or a real disagreement."""
+    default = ExportParams().tolerance
+    if tolerance < default:
+        return (
+            f"export.tolerance is {tolerance:g}, set below its default {default:g} in params.yaml; float32 "
+            f"arithmetic in two runtimes differs by about {worst:.0e} here. Raise it back to {default:g}."
+        )
+    return (
+        f"at the default export.tolerance {default:g} this is a real disagreement between PyTorch and "
+        "onnxruntime: please report it with the torch and onnxruntime versions."
+    )

@@ -33,7 +33,12 @@ from alexops.paths import Paths
 
 
 class MirrorError(Exception):
-    """One mirror failed for one file; the reason goes into the final report."""
+    """One mirror failed for one file; the reason goes into the final report. `transient`: a
+    network failure that may pass (a timeout, a 5xx), as opposed to a wrong or missing file."""
+
+    def __init__(self, reason: str, transient: bool = False) -> None:
+        super().__init__(reason)
+        self.transient = transient
 
 
 def run(params: Params, paths: Paths) -> None:
@@ -75,12 +80,13 @@ def expected_files(dataset: DatasetSpec, overrides: dict[str, str]) -> list[RawF
 def fetch_file(
     raw: RawFile, mirrors: list[str], opts: FetchParams, target: Path, dataset: DatasetSpec
 ) -> None:
-    tried = []
+    tried, transient = [], False
     for mirror in mirrors:
         try:
             data = verified(raw, read_from_mirror(mirror, raw, opts, sole_file=len(dataset.files) == 1))
         except MirrorError as exc:
             tried.append(f"{mirror}: {exc}")
+            transient |= exc.transient
             continue
         files.write_bytes(target, data)
         print(f"fetch: {raw.name} from {mirror}, {raw.algorithm} ok")
@@ -88,7 +94,8 @@ def fetch_file(
     attempts = "\n  - ".join(tried)
     raise AlexopsError(
         f"could not fetch {dataset.name} file {raw.name}; tried:\n  - {attempts}\n"
-        f"Fix: {dataset.offline_fix}; online, check the network or the URLs."
+        f"Fix: {dataset.offline_fix}; online, check the network or the URLs.",
+        transient=transient,
     )
 
 
@@ -169,7 +176,7 @@ def _download(url: str, opts: FetchParams) -> bytes:
             raise MirrorError(f"not a valid URL ({exc})") from exc
         if attempt < opts.retries:
             time.sleep(min(2 ** (attempt - 1), 10))
-    raise MirrorError(f"{reason} (after {opts.retries} attempt(s))")
+    raise MirrorError(f"{reason} (after {opts.retries} attempt(s))", transient=True)
 
 
 def _get(url: str, timeout_s: float) -> bytes:

@@ -24,7 +24,7 @@ import onnxruntime as ort
 import torch
 from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
 
-from alexops import augment, files, inference
+from alexops import augment, files, inference, tracking
 from alexops.errors import AlexopsError
 from alexops.params import Params
 from alexops.paths import Paths
@@ -172,6 +172,14 @@ def check_drop(fp32: float, int8: float, max_drop: float) -> None:
 
 
 def run(params: Params, paths: Paths) -> None:
+    with tracking.continue_run(paths, "quantize") as mlflow:
+        report = quantize_stage(params, paths)
+        numbers = {k: v for k, v in report.items() if isinstance(v, int | float) and not isinstance(v, bool)}
+        mlflow.log_metrics({f"quantize_{k}": float(v) for k, v in numbers.items()})
+
+
+def quantize_stage(params: Params, paths: Paths) -> dict:
+    """Quantise, check the accuracy drop, write model.int8.onnx and quantize.json."""
     if not paths.onnx.exists():
         raise AlexopsError(f"{paths.onnx} is missing. Fix: run `dvc repro export` first.")
     fp32_bytes = paths.onnx.read_bytes()
@@ -196,6 +204,7 @@ def run(params: Params, paths: Paths) -> None:
         f"quantize: {paths.int8_onnx} ({len(int8_bytes) / 1e6:.1f} MB), test accuracy int8 {acc['int8']:.4f} "
         f"vs fp32 {acc['fp32']:.4f}, batch-{THROUGHPUT_BATCH} speed-up {report['int8_speedup']:.2f}×"
     )
+    return report
 
 
 def make_report(

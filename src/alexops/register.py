@@ -1,16 +1,25 @@
-"""Stage `register`: log the ONNX model to the MLflow registry and move `@champion`.
+"""Stage `register`: log the ONNX model to the MLflow registry and settle `@champion`.
 
-The promotion gate: the new version takes `@champion` only if its ONNX parity check
-passed, its test accuracy is at least `register.min_accuracy` and at least the current
-champion's (same dataset: each dataset has its own registered model); otherwise it becomes
-`@challenger`. The decision and its reason go to `reports/<dataset>/register.json`, onto
-the model version (tags, description) and onto the MLflow run.
+The promotion gate: a version passes when its ONNX parity check passed and its test accuracy
+is at least `register.min_accuracy`. `@champion` names the most accurate version that passed
+(the newest among equals), so a new version takes it only when it is at least as accurate as
+the champion; every other new version becomes `@challenger`. The decision and its reason go to
+`reports/<dataset>/register.json`, onto the model version (tags, description) and the run.
+
+Parallel registers (`dvc queue start -j N`, parallel flow runs) are safe: in one workspace
+they take turns under a file lock, and across machines the champion is re-derived from the
+registry after the alias is set until what was set is what the registry says is best. A model
+whose weights equal a version already registered is not registered again: the run names that
+version.
 """
 
 from __future__ import annotations
 
+import hashlib
+
 import numpy as np
 import onnx
+from onnx import numpy_helper
 
 from alexops import files, tracking
 from alexops.errors import AlexopsError
@@ -20,6 +29,9 @@ from alexops.paths import Paths
 
 CHAMPION = "champion"
 CHALLENGER = "challenger"
+DIGEST_TAG = "model.sha256"
+GATE_TAG = "gate"  # "passed" | "failed"
+SETTLE_ROUNDS = 5  # set-then-verify rounds; each concurrent register can move the alias at most once
 
 
 def model_name(params: Params) -> str:
@@ -37,7 +49,7 @@ def parity_passed(export: dict) -> tuple[bool, float]:
 def decide(
     accuracy: float, parity: tuple[bool, float], min_accuracy: float, champion_accuracy: float | None
 ) -> tuple[bool, str]:
-    """The promotion gate: (promote?, reason), every check named in the reason."""
+    """The promotion gate against a champion: (promote?, reason), every check named in the reason."""
     passed, worst = parity
     if not passed:
         return False, f"ONNX parity check failed (max |diff| {worst:.1e})"
@@ -50,63 +62,172 @@ def decide(
     return True, f"parity ok; accuracy {accuracy:.4f} ≥ champion's {champion_accuracy:.4f} and ≥ min"
 
 
+def weights_digest(proto: onnx.ModelProto) -> str:
+    """SHA-256 over the model's weights (initializer names, dtypes, shapes and values): two
+    trainings that end in the same weights give the same digest, whatever the file's layout."""
+    digest = hashlib.sha256()
+    for initializer in sorted(proto.graph.initializer, key=lambda i: i.name):
+        array = numpy_helper.to_array(initializer)
+        digest.update(f"{initializer.name}|{array.dtype}|{array.shape}|".encode())
+        digest.update(np.ascontiguousarray(array).tobytes())
+    return digest.hexdigest()
+
+
 def run(params: Params, paths: Paths) -> None:
     evaluation = files.read_json(paths.reports / "evaluate.json", produced_by="evaluate")
     export = files.read_json(paths.reports / "export.json", produced_by="export")
-    accuracy = float(evaluation["accuracy"])
-    name = model_name(params)
     if not paths.onnx.exists():
         raise AlexopsError(f"{paths.onnx} is missing. Fix: run `dvc repro export` first.")
     proto = onnx.load(str(paths.onnx))
-    with tracking.continue_run(paths) as mlflow:
+    name = model_name(params)
+    with tracking.continue_run(paths, "register") as mlflow, tracking.registry_lock(paths.root, name):
         from mlflow import MlflowClient
 
         client = MlflowClient()
-        run_id = mlflow.active_run().info.run_id
         mlflow.set_tags(tracking.dvc_lock_tags(paths.root))
-        info = mlflow.onnx.log_model(
-            proto,
-            name="model",
-            registered_model_name=name,
-            input_example=example_input(proto),
-            signature=signature(proto),
-            metadata={"accuracy": accuracy},
-        )
-        version = str(info.registered_model_version)
-        # read the aliases rather than catch a lookup error, which could also be the network
-        aliases = client.get_registered_model(name).aliases
-        current = client.get_model_version(name, aliases[CHAMPION]) if CHAMPION in aliases else None
-        champion_accuracy = None if current is None else float(current.tags.get("accuracy", "nan"))
-        if champion_accuracy is not None and np.isnan(champion_accuracy):
-            champion_accuracy = None
-        promote, reason = decide(
-            accuracy, parity_passed(export), params.register.min_accuracy, champion_accuracy
-        )
-        alias = CHAMPION if promote else CHALLENGER
-        client.set_model_version_tag(name, version, "accuracy", f"{accuracy:.6f}")
-        client.set_model_version_tag(name, version, "decision", f"{alias}: {reason}")
-        client.set_registered_model_alias(name, alias, version)
-        int8_uri = attach_int8(mlflow, client, paths, name, version)
-        client.update_model_version(
-            name, version, description=describe(params, evaluation, export, alias, reason)
-        )
+        digest = weights_digest(proto)
+        same = identical_version(client, name, digest)
+        if same is None:
+            record = register_new(mlflow, client, params, paths, proto, digest, evaluation, export)
+        else:
+            record = name_existing(client, name, same, digest)
+        record |= {"run_id": mlflow.active_run().info.run_id, "min_accuracy": params.register.min_accuracy}
         mlflow.set_tags(
-            {"registered_model": name, "registered_version": version, "alias": alias, "decision": reason}
+            {
+                "registered_model": name,
+                "registered_version": record["version"],
+                "alias": record["alias"] or "none",
+                "decision": record["reason"],
+            }
         )
-    record = {
+    files.write_json(paths.reports / "register.json", record)
+    alias = f"@{record['alias']}" if record["alias"] else "no alias"
+    print(f"register: {name} version {record['version']} → {alias} ({record['reason']})")
+
+
+def identical_version(client, name: str, digest: str):
+    """The registered version whose weights have this digest, if any."""
+    if not client.search_registered_models(f"name = '{name}'"):
+        return None
+    found = client.search_model_versions(f"name = '{name}' and tags.`{DIGEST_TAG}` = '{digest}'")
+    return min(found, key=lambda v: int(v.version)) if found else None
+
+
+def name_existing(client, name: str, version, digest: str) -> dict:
+    if passed_gate(version):  # completes a decision that a crashed register left half made
+        settle_champion(client, name)
+    aliases = client.get_registered_model(name).aliases
+    alias = next((a for a in (CHAMPION, CHALLENGER) if aliases.get(a) == str(version.version)), None)
+    return {
+        "model_name": name,
+        "version": str(version.version),
+        "alias": alias,
+        "registered": False,
+        "reason": f"identical weights to version {version.version} ({DIGEST_TAG} {digest[:12]}…): "
+        "not registered again",
+        "accuracy": float(version.tags.get("accuracy", "nan")),
+        "previous_champion": aliases.get(CHAMPION),
+        "model_uri": f"models:/{name}/{version.version}",
+        "int8_uri": version.tags.get("int8.uri"),
+    }
+
+
+def register_new(mlflow, client, params, paths, proto, digest, evaluation, export) -> dict:
+    name = model_name(params)
+    accuracy = float(evaluation["accuracy"])
+    before = champion_of(client, name)
+    passed, reason = decide(accuracy, parity_passed(export), params.register.min_accuracy, None)
+    info = mlflow.onnx.log_model(
+        proto,
+        name="model",
+        registered_model_name=name,
+        input_example=example_input(proto),
+        signature=signature(proto),
+        metadata={"accuracy": accuracy},
+    )
+    version = str(info.registered_model_version)
+    tags = {"accuracy": f"{accuracy:.6f}", DIGEST_TAG: digest, GATE_TAG: "passed" if passed else "failed"}
+    for key, value in tags.items():
+        client.set_model_version_tag(name, version, key, value)
+    champion = settle_champion(client, name) if passed else before
+    alias = CHAMPION if champion is not None and str(champion.version) == version else CHALLENGER
+    if passed:
+        reason = promotion_reason(accuracy, params.register.min_accuracy, before, champion, alias)
+    if alias == CHALLENGER:
+        client.set_registered_model_alias(name, CHALLENGER, version)
+    client.set_model_version_tag(name, version, "decision", f"{alias}: {reason}")
+    int8_uri = attach_int8(mlflow, client, paths, name, version)
+    description = describe(params, evaluation, export, alias, reason)
+    client.update_model_version(name, version, description=description)
+    return {
         "model_name": name,
         "version": version,
         "alias": alias,
+        "registered": True,
         "reason": reason,
-        "min_accuracy": params.register.min_accuracy,
         "accuracy": accuracy,
-        "previous_champion": None if current is None else str(current.version),
-        "run_id": run_id,
+        "previous_champion": None if before is None else str(before.version),
         "model_uri": f"models:/{name}/{version}",
         "int8_uri": int8_uri,
     }
-    files.write_json(paths.reports / "register.json", record)
-    print(f"register: {name} version {version} → @{alias} ({reason})")
+
+
+def promotion_reason(accuracy: float, min_accuracy: float, before, champion, alias: str) -> str:
+    if alias == CHALLENGER:  # passed the gate, but a better version holds @champion
+        best = f"{accuracy_of(champion):.4f} (version {champion.version})"
+        return f"accuracy {accuracy:.4f} < champion's {best}"
+    rival = None if before is None else accuracy_of(before)
+    return decide(accuracy, (True, 0.0), min_accuracy, rival)[1]
+
+
+def accuracy_of(version) -> float:
+    return float(version.tags.get("accuracy", "nan"))
+
+
+def passed_gate(version) -> bool:
+    """Whether a version passed the gate (older versions record it in their decision tag)."""
+    gate = version.tags.get(GATE_TAG)
+    if gate is not None:
+        return gate == "passed"
+    return version.tags.get("decision", "").startswith(f"{CHAMPION}:")
+
+
+def best_version(client, name: str):
+    """The most accurate version that passed the gate (the newest among equals), or None."""
+    passed = [
+        v
+        for v in client.search_model_versions(f"name = '{name}'")
+        if passed_gate(v) and not np.isnan(accuracy_of(v))
+    ]
+    return max(passed, key=lambda v: (accuracy_of(v), int(v.version)), default=None)
+
+
+def champion_of(client, name: str):
+    """The version @champion names, or None (no such alias, or no such model yet)."""
+    from mlflow.exceptions import MlflowException
+
+    try:  # the aliases, rather than a lookup by alias, whose error could also be the network
+        aliases = client.get_registered_model(name).aliases
+    except MlflowException as exc:
+        if exc.error_code == "RESOURCE_DOES_NOT_EXIST":
+            return None
+        raise
+    return client.get_model_version(name, aliases[CHAMPION]) if CHAMPION in aliases else None
+
+
+def settle_champion(client, name: str):
+    """Point @champion at the best version, then re-read until the registry agrees: a register
+    on another machine that set the alias meanwhile is corrected here, or corrects us."""
+    best = None
+    for _ in range(SETTLE_ROUNDS):
+        best = best_version(client, name)
+        if best is None:
+            return None
+        current = champion_of(client, name)
+        if current is not None and current.version == best.version:
+            return best
+        client.set_registered_model_alias(name, CHAMPION, best.version)
+    return best
 
 
 def attach_int8(mlflow, client, paths: Paths, name: str, version: str) -> str | None:
@@ -115,8 +236,6 @@ def attach_int8(mlflow, client, paths: Paths, name: str, version: str) -> str | 
         return None
     report = files.read_json(paths.reports / "quantize.json", produced_by="quantize")
     mlflow.log_artifact(str(paths.int8_onnx), artifact_path="int8")
-    numbers = {k: v for k, v in report.items() if isinstance(v, int | float) and not isinstance(v, bool)}
-    mlflow.log_metrics({f"quantize_{k}": float(v) for k, v in numbers.items()})
     uri = f"runs:/{mlflow.active_run().info.run_id}/int8/{paths.int8_onnx.name}"
     tags = {"int8.uri": uri} | {f"int8.{k}": str(v) for k, v in report.items() if not isinstance(v, dict)}
     for key, value in tags.items():

@@ -1,17 +1,34 @@
-"""Everything MLflow: one run per pipeline run, opened by train and continued by the
-stages after it (separate processes under `dvc repro`) through the run id in
-`artifacts/<dataset>/mlflow_run.json`.
+"""Everything MLflow: one store per workspace, one run per pipeline run, and how runs end.
+
+- **One store.** `MLFLOW_TRACKING_URI` when set, else `sqlite:///<workspace>/mlflow.db`. The
+  workspace is `DVC_ROOT` when DVC runs the stage: in `dvc exp run --temp` and `--queue` the
+  stage's working directory is a temporary copy under `.dvc/tmp/exps/`, which DVC deletes, and
+  DVC_ROOT names the workspace the copy came from. A database store gets an explicit artifact
+  root beside it (MLflow's default, `./mlruns`, would land in the copy), and an experiment whose
+  artifact root lies in a temporary copy, or has vanished, is refused with the fix.
+- **One run.** `train` opens it; `evaluate`, `export`, `quantize` and `register` (separate
+  processes under `dvc repro`) continue it through `artifacts/<dataset>/mlflow_run.json`.
+- **How runs end.** Each stage ends the run FINISHED, FAILED (with `failure.stage` and
+  `failure.reason` tags) or KILLED (SIGINT, SIGTERM, SIGHUP: see `alexops.cli`). A run left
+  RUNNING by a process that died without a word (kill -9, power loss) is marked KILLED the next
+  time a stage of its experiment opens the store on the same host.
 """
 
 from __future__ import annotations
 
 import contextlib
+import fcntl
+import hashlib
 import logging
 import os
+import re
+import socket
 import subprocess
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+from urllib.parse import unquote, urlparse
 
 import yaml
 
@@ -21,11 +38,38 @@ from alexops.params import Params
 from alexops.paths import Paths
 
 PREFECT_FLOW_RUN_ENV = "ALEXOPS_PREFECT_FLOW_RUN_ID"
+# Set by DVC for every stage it runs: the workspace (in an experiment's copy, the one it came from).
+DVC_ROOT_ENV = "DVC_ROOT"
+SWEEPS_DIR = Path(".dvc") / "tmp" / "alexops-sweeps"  # exp name → its sweep (alexops.sweep writes)
+LOCKS_DIR = Path(".dvc") / "tmp" / "alexops-locks"
+
+
+# ---- where the store is ---------------------------------------------------------------------
+
+
+def workspace(root: Path) -> Path:
+    """The DVC workspace whose store a stage records into: DVC_ROOT under DVC, else `root`."""
+    return Path(os.environ.get(DVC_ROOT_ENV) or root).resolve()
 
 
 def tracking_uri(root: Path) -> str:
-    """`MLFLOW_TRACKING_URI` when set, else the SQLite store in the project root."""
-    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path(root).resolve()}/mlflow.db"
+    """`MLFLOW_TRACKING_URI` when set, else the SQLite store in the workspace."""
+    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{workspace(root)}/mlflow.db"
+
+
+def artifact_root(uri: str, root: Path) -> str | None:
+    """Where a new experiment keeps its artifacts: beside a SQLite file, in the workspace for
+    another database, and wherever the server says (None) for an HTTP tracking server."""
+    scheme = urlparse(uri).scheme
+    if scheme.startswith("sqlite"):
+        return (_sqlite_file(uri).parent / "mlruns").as_uri()
+    if scheme.startswith(("postgresql", "mysql", "mssql")):
+        return (workspace(root) / "mlruns").as_uri()
+    return None
+
+
+def _sqlite_file(uri: str) -> Path:
+    return Path(uri.split(":///", 1)[1]).resolve()
 
 
 def connect(root: Path):
@@ -39,7 +83,14 @@ def connect(root: Path):
     logging.getLogger("alembic").setLevel(logging.WARNING)
     import mlflow
 
-    mlflow.set_tracking_uri(tracking_uri(root))
+    uri = tracking_uri(root)
+    mlflow.set_tracking_uri(uri)
+    if uri.startswith("sqlite:"):
+        # the first process to open a new SQLite store creates its tables; two parallel
+        # experiments doing it at once collide, so they take turns
+        database = _sqlite_file(uri)
+        with file_lock(database.with_name(f".{database.name}.lock")):
+            _reachable(mlflow, root)
     return mlflow
 
 
@@ -49,45 +100,168 @@ def _reachable(mlflow, root: Path) -> None:
     except Exception as exc:  # connection refused, bad URI, locked DB: all stop here
         raise AlexopsError(
             f"cannot reach the MLflow tracking store {tracking_uri(root)} ({exc.__class__.__name__}: "
-            f"{(str(exc).splitlines() or [''])[0][:200]}). Fix: start the server (`make mlflow-server`) or "
-            "point MLFLOW_TRACKING_URI at a running one; unset it to use ./mlflow.db."
+            f"{one_line(exc)}). Fix: start the server (`make mlflow-server`) or "
+            "point MLFLOW_TRACKING_URI at a running one; unset it to use ./mlflow.db.",
+            transient=True,
         ) from exc
+
+
+def experiment_name(params: Params) -> str:
+    return f"{params.register.experiment}-{params.base.dataset}"
+
+
+def use_experiment(mlflow, params: Params, root: Path) -> str:
+    """The experiment's id, creating it with the store's artifact root; a broken root is refused."""
+    from mlflow.exceptions import MlflowException
+
+    name = experiment_name(params)
+    found = mlflow.get_experiment_by_name(name)
+    if found is None:
+        try:
+            experiment_id = mlflow.create_experiment(name, artifact_location=_new_location(root, name))
+        except MlflowException:  # a parallel stage created it first
+            experiment_id = mlflow.get_experiment_by_name(name).experiment_id
+        found = mlflow.get_experiment(experiment_id)
+    check_artifact_location(mlflow, found)
+    mlflow.set_experiment(experiment_id=found.experiment_id)
+    return found.experiment_id
+
+
+def _new_location(root: Path, name: str) -> str | None:
+    base = artifact_root(tracking_uri(root), root)
+    return None if base is None else f"{base}/{re.sub(r'[^A-Za-z0-9_.-]+', '_', name)}"
+
+
+def check_artifact_location(mlflow, experiment) -> None:
+    """Refuse an experiment whose local artifact root lies in a DVC temporary copy or is gone."""
+    parsed = urlparse(experiment.artifact_location)
+    if parsed.scheme not in ("", "file"):
+        return  # an object store or a tracking server's proxy: not ours to inspect
+    location = Path(unquote(parsed.path))
+    inside_copy = ".dvc/tmp/" in f"{location.as_posix()}/"
+    vanished = not inside_copy and not location.exists() and _has_runs(mlflow, experiment.experiment_id)
+    if inside_copy or vanished:
+        why = "inside a temporary DVC experiment copy, which DVC deletes" if inside_copy else "gone"
+        raise AlexopsError(
+            f"MLflow experiment {experiment.name!r} (id {experiment.experiment_id}) keeps its artifacts in "
+            f"{location}, which is {why}: models and plots logged there are lost. It was created by an "
+            "older alexops inside `dvc exp run --temp/--queue`. Fix: rename it out of the way, keeping its "
+            f"runs readable: `mlflow experiments rename --experiment-id {experiment.experiment_id} "
+            f"--new-name '{experiment.name}-lost-artifacts'` (with MLFLOW_TRACKING_URI set to this store), "
+            "then rerun; the new experiment keeps its artifacts beside the store."
+        )
+
+
+def _has_runs(mlflow, experiment_id: str) -> bool:
+    return bool(mlflow.search_runs([experiment_id], max_results=1, output_format="list"))
+
+
+# ---- one run per pipeline run, and how it ends --------------------------------------------------
 
 
 @contextlib.contextmanager
 def new_run(params: Params, paths: Paths, run_id: str | None = None) -> Iterator[Any]:
     """Open the pipeline's MLflow run (or reopen `run_id` after a crash) and record it."""
     mlflow = connect(paths.root)
-    _reachable(mlflow, paths.root)
-    mlflow.set_experiment(f"{params.register.experiment}-{params.base.dataset}")
+    experiment_id = use_experiment(mlflow, params, paths.root)
+    close_dead_runs(mlflow, experiment_id)
     if run_id is not None and not _run_exists(mlflow, run_id):
         print(f"train: MLflow run {run_id} of the checkpoint is not in this store; opening a new run")
         run_id = None
     name = f"{params.base.dataset}-{params.train.image_size}px-w{params.train.width:g}-e{params.train.epochs}"
-    with mlflow.start_run(run_id=run_id, run_name=None if run_id else name) as run:
+    run = mlflow.start_run(run_id=run_id, run_name=None if run_id else name)
+    with ending_run(mlflow, "train"):
         if run_id is None:
             mlflow.log_params(params.as_flat_dict())
-            mlflow.set_tags(lineage_tags(paths.root))
+            record_lineage(mlflow, paths)
             log_dataset(mlflow, paths)
-        files.write_json(
-            paths.mlflow_run, {"run_id": run.info.run_id, "tracking_uri": tracking_uri(paths.root)}
-        )
+        record = {"run_id": run.info.run_id, "tracking_uri": tracking_uri(paths.root)}
+        files.write_json(paths.mlflow_run, record)
         yield mlflow
 
 
 @contextlib.contextmanager
-def continue_run(paths: Paths) -> Iterator[Any]:
+def continue_run(paths: Paths, stage: str) -> Iterator[Any]:
     """Reopen the run train started, so that all stages report into one run."""
     run_id = files.read_json(paths.mlflow_run, produced_by="train")["run_id"]
     mlflow = connect(paths.root)
-    _reachable(mlflow, paths.root)
     if not _run_exists(mlflow, run_id):
         raise AlexopsError(
             f"MLflow run {run_id} (from {paths.mlflow_run}) is not in {tracking_uri(paths.root)}. "
             "Fix: point MLFLOW_TRACKING_URI at the store train used, or retrain: `dvc repro -f train`."
         )
-    with mlflow.start_run(run_id=run_id):
+    mlflow.start_run(run_id=run_id)
+    with ending_run(mlflow, stage):
         yield mlflow
+
+
+@contextlib.contextmanager
+def ending_run(mlflow, stage: str) -> Iterator[None]:
+    """End the active run as the stage ends: FINISHED, FAILED with the reason, or KILLED."""
+    _mark_owner(mlflow, stage)
+    try:
+        yield
+    except KeyboardInterrupt as exc:  # SIGINT, and SIGTERM/SIGHUP as alexops.cli raises them
+        _end(mlflow, "KILLED", stage, f"stopped by {exc or 'SIGINT'}")
+        raise
+    except BaseException as exc:
+        _end(mlflow, "FAILED", stage, one_line(exc) or exc.__class__.__name__)
+        raise
+    _end(mlflow, "FINISHED", stage, None)
+
+
+def _mark_owner(mlflow, stage: str) -> None:
+    """Who holds the run now: a later stage can tell a dead holder's run from a live one."""
+    tags = {"alexops.host": socket.gethostname(), "alexops.pid": str(os.getpid()), "alexops.stage": stage}
+    mlflow.set_tags(tags)
+    run_id = mlflow.active_run().info.run_id
+    for key in ("failure.stage", "failure.reason"):  # a rerun of a failed stage clears them
+        with contextlib.suppress(Exception):
+            mlflow.MlflowClient().delete_tag(run_id, key)
+
+
+def _end(mlflow, status: str, stage: str, reason: str | None) -> None:
+    try:
+        if reason is not None:
+            mlflow.set_tags({"failure.stage": stage, "failure.reason": reason[:5000]})
+        mlflow.end_run(status)
+    except Exception as exc:  # the store went away too: say so, keep the stage's own error
+        print(f"alexops {stage}: could not mark the MLflow run {status} ({one_line(exc)})")
+
+
+def close_dead_runs(mlflow, experiment_id: str) -> list[str]:
+    """Mark KILLED the runs of this host left RUNNING by a process that no longer exists."""
+    client = mlflow.MlflowClient()
+    closed = []
+    for run in mlflow.search_runs(
+        [experiment_id], filter_string="attributes.status = 'RUNNING'", output_format="list"
+    ):
+        tags = run.data.tags
+        if tags.get("alexops.host") != socket.gethostname() or _alive(tags.get("alexops.pid", "")):
+            continue
+        client.set_tag(run.info.run_id, "failure.stage", tags.get("alexops.stage", "unknown"))
+        reason = f"process {tags.get('alexops.pid')} ended without closing the run (killed -9, or crashed)"
+        client.set_tag(run.info.run_id, "failure.reason", reason)
+        client.set_terminated(run.info.run_id, "KILLED")
+        closed.append(run.info.run_id)
+    return closed
+
+
+def _alive(pid: str) -> bool:
+    """Is `pid` an alexops process? (A recycled pid of another program does not count.)"""
+    if not pid.isdigit():
+        return False
+    try:
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        try:
+            os.kill(int(pid), 0)  # no /proc (macOS): existence is all we can tell
+        except ProcessLookupError:
+            return False
+        except PermissionError:
+            return True
+        return True
+    return b"alexops" in cmdline
 
 
 def _run_exists(mlflow, run_id: str) -> bool:
@@ -96,6 +270,14 @@ def _run_exists(mlflow, run_id: str) -> bool:
     except Exception:  # MlflowException for an unknown id
         return False
     return True
+
+
+def one_line(exc: BaseException) -> str:
+    """An exception's first line, shortened: what a tag, a log line or a state message shows."""
+    return (str(exc).strip().splitlines() or [""])[0][:500]
+
+
+# ---- lineage ------------------------------------------------------------------------------------
 
 
 def log_dataset(mlflow, paths: Paths) -> None:
@@ -119,14 +301,53 @@ def data_hash(paths: Paths) -> str | None:
 PIPELINE_WRITES = (":(exclude)dvc.lock", ":(exclude)reports")
 
 
+def record_lineage(mlflow, paths: Paths) -> None:
+    """Tags naming the code and its origin; when the tree differs from the commit, the diff."""
+    tags = lineage_tags(paths.root)
+    mlflow.set_tags(tags)
+    if tags["git.dirty"] == "true":
+        diff = _git(paths.root, "diff", "HEAD", "--", ":/", *PIPELINE_WRITES)
+        if diff:
+            mlflow.log_text(diff + "\n", "lineage/code.diff")
+
+
 def lineage_tags(root: Path) -> dict[str, str]:
-    """Git commit and dirtiness, the Prefect flow run when there is one."""
-    tags = {"git.commit": _git(root, "rev-parse", "HEAD") or "unknown"}
+    """Git commit and dirtiness of the code that runs, the package's digest, who ran it."""
+    tags = {"git.commit": _git(root, "rev-parse", "HEAD") or "unknown", "code.sha256": code_digest()}
+    # DVC writes an experiment's copy with git's index stat data of the originals, so a file
+    # changed within the same second and size looks clean: re-read every file first
+    _git(root, "update-index", "-q", "--really-refresh")
     status = _git(root, "status", "--porcelain", "--untracked-files=no", "--", ":/", *PIPELINE_WRITES)
     tags["git.dirty"] = "unknown" if status is None else str(bool(status)).lower()
+    experiment = {"DVC_EXP_NAME": "dvc.experiment", "DVC_EXP_BASELINE_REV": "dvc.baseline_rev"}
+    tags |= {tag: os.environ[env] for env, tag in experiment.items() if os.environ.get(env)}
     if flow_run := os.environ.get(PREFECT_FLOW_RUN_ENV):
         tags["prefect.flow_run_id"] = flow_run
-    return tags
+    return tags | sweep_tags(root)
+
+
+def code_digest() -> str:
+    """SHA-256 over the alexops package's source files as imported by this process: equal
+    digests, equal code (the files of `src/alexops` that ran, whatever their checkout)."""
+    import alexops
+
+    package = Path(alexops.__file__).parent
+    digest = hashlib.sha256()
+    for path in sorted(package.rglob("*.py")):
+        digest.update(path.relative_to(package).as_posix().encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()
+
+
+def sweep_tags(root: Path) -> dict[str, str]:
+    """A queued experiment of `alexops sweep`: its sweep's name and parent MLflow run."""
+    name = os.environ.get("DVC_EXP_NAME")
+    if not name:
+        return {}
+    record = workspace(root) / SWEEPS_DIR / f"{name}.yaml"
+    if not record.exists():
+        return {}
+    sweep = yaml.safe_load(record.read_text()) or {}
+    return {"sweep": str(sweep["sweep"]), "mlflow.parentRunId": str(sweep["parent_run_id"])}
 
 
 def dvc_lock_tags(root: Path) -> dict[str, str]:
@@ -148,3 +369,35 @@ def _git(root: Path, *args: str) -> str | None:
     except (OSError, subprocess.TimeoutExpired):
         return None
     return done.stdout.strip() if done.returncode == 0 else None
+
+
+# ---- serialising what must not interleave ---------------------------------------------------------
+
+
+@contextlib.contextmanager
+def file_lock(path: Path, wait_s: float = 600.0) -> Iterator[None]:
+    """An exclusive flock on `path`; the OS drops it when the process dies, so none goes stale."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    deadline = time.monotonic() + wait_s
+    with open(path, "a+") as handle:
+        while True:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    raise AlexopsError(
+                        f"waited {wait_s:g} s for {path}, which another alexops process holds. "
+                        "Fix: let it finish, or stop it if it hangs."
+                    ) from None
+                time.sleep(0.05)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def registry_lock(root: Path, model_name: str):
+    """Serialises the registry decision of parallel stages of one workspace (`dvc queue start
+    -j N`, parallel flow runs); across machines, the decision re-checks itself (register)."""
+    return file_lock(workspace(root) / LOCKS_DIR / f"register-{model_name}.lock")

@@ -24,6 +24,7 @@ from tqdm import tqdm
 
 from alexops import augment, distributed, figures, files, lrn, tracking
 from alexops import model as model_module
+from alexops import progress as progress_line
 from alexops.errors import AlexopsError
 from alexops.evaluate import predict_probabilities
 from alexops.model import AlexNet, count_parameters, pick_device
@@ -180,8 +181,7 @@ def fit(
         progress.history.append(dict(zip(HISTORY_FIELDS, row, strict=True)))
         progress.epoch = epoch
         if session.world.is_main:
-            print(f"epoch {epoch}/{opts.epochs}: loss {loss:.4f} acc {acc:.4f} ", end="")
-            print(f"val_acc {val_acc:.4f} lr {lr:.2e}")
+            print(progress_line.format_epoch(progress.history, opts.epochs), flush=True)
             on_epoch(progress)
     return progress
 
