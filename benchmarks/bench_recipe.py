@@ -85,6 +85,8 @@ def accuracy(args) -> None:
         "test_accuracy_center_crop": run["test_accuracy_center_crop"],
         # on a shared machine these seconds are not the recipe's: see `table`
         "train_seconds_as_run": run["train_seconds"],
+        # with train.ema_decay: the same run's raw weights (the average never feeds back into training)
+        "without_average": run.get("without_average"),
         "started": time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(started)),
         "history": run["history"],
     }

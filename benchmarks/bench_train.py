@@ -215,6 +215,16 @@ def read_fashion_mnist(directory: Path):
         return (*read_split(Path(tmp), "train"), *read_split(Path(tmp), "test"))
 
 
+def test_accuracy(model, recipe, test_x, test_y, device, ten_crop: bool) -> dict:
+    result = {}
+    for name, ten in (("center_crop", False), ("ten_crop", True)):
+        if ten and not ten_crop:
+            continue
+        probs = predict_probabilities(model, test_x, recipe, 256, device, ten)
+        result[f"test_accuracy_{name}"] = metrics_from(probs, test_y, list(FASHION_MNIST.classes))["accuracy"]
+    return result
+
+
 def accuracy_run(
     data_dir: Path, opts, device, seed: int, ten_crop: bool, save: Path | None = None, max_train: int = 0
 ) -> dict:
@@ -232,11 +242,11 @@ def accuracy_run(
     sync(device)
     train_seconds = time.perf_counter() - started
     result = {"train_seconds": train_seconds, "history": progress.history}
-    for name, ten in (("center_crop", False), ("ten_crop", True)):
-        if ten and not ten_crop:
-            continue
-        probs = predict_probabilities(session.trained, test_x, session.recipe, 256, device, ten)
-        result[f"test_accuracy_{name}"] = metrics_from(probs, test_y, list(FASHION_MNIST.classes))["accuracy"]
+    result |= test_accuracy(session.trained, session.recipe, test_x, test_y, device, ten_crop)
+    if session.average is not None:  # the average never feeds back into training: the same run without it
+        result["without_average"] = test_accuracy(
+            session.model, session.recipe, test_x, test_y, device, ten_crop
+        )
     result["wall_seconds"] = time.perf_counter() - started
     if save is not None:  # the trained model in train's format, for export/quantize benchmarks
         trained = {
