@@ -105,7 +105,7 @@ def cost(args) -> None:
     variant's speed is its batch over the `--quantile` (default: the lower quartile) of its
     step times, which leaves out the steps that another process interrupted.
     """
-    torch.set_num_threads(args.threads)
+    torch.set_num_threads(1 if args.clock == "cpu" else args.threads)
     device = torch.device("cpu")
     images, labels = bench_train.synthetic(4096)
     variants = {"baseline": options([])}
@@ -118,12 +118,15 @@ def cost(args) -> None:
     for step, _ in steps.values():  # warm-up: first calls pick kernels and touch fresh memory
         for _ in range(3):
             step()
+    # cpu: this thread's own CPU seconds (one thread only), which other processes on the
+    # cores do not inflate as they do wall-clock seconds
+    clock = time.thread_time if args.clock == "cpu" else time.perf_counter
     times: dict[str, list[float]] = {name: [] for name in variants}
     for _ in range(args.steps):
         for name, (step, _) in steps.items():
-            started = time.perf_counter()
+            started = clock()
             step()
-            times[name].append(time.perf_counter() - started)
+            times[name].append(clock() - started)
     speed = {
         name: steps[name][1] / statistics.quantiles(times[name], n=100)[round(100 * args.quantile) - 1]
         for name in variants
@@ -134,6 +137,7 @@ def cost(args) -> None:
         "threads": torch.get_num_threads(),
         "steps": args.steps,
         "quantile": args.quantile,
+        "clock": args.clock,
         "loadavg_1min": os.getloadavg()[0],
         "variants": {},
     }
@@ -187,6 +191,9 @@ def main() -> None:
     cst.add_argument("--steps", type=int, default=60, help="timed steps per variant")
     cst.add_argument("--quantile", type=float, default=0.25, help="of the step times (0.5: median)")
     cst.add_argument("--out", default=None, help="file name under results/recipe (default cost.json)")
+    cst.add_argument(
+        "--clock", choices=("wall", "cpu"), default="wall", help="cpu: thread CPU time, 1 thread"
+    )
     sub.add_parser("table")
     args = parser.parse_args()
     {"accuracy": accuracy, "cost": cost, "table": table}[args.mode](args)

@@ -113,6 +113,8 @@ def alexops_step(images, labels, opts, device):
     generator = torch.Generator(device=device).manual_seed(0)
     amp = train.autocast_enabled(device, opts)
 
+    counter = [0]
+
     def step(timed_data: bool = False) -> float:
         index = torch.randint(0, len(labels), (opts.batch_size,), device=device, generator=generator)
         started = time.perf_counter()
@@ -120,7 +122,8 @@ def alexops_step(images, labels, opts, device):
         if timed_data:
             sync(device)
         data_seconds = time.perf_counter() - started
-        train.train_step(model, session, x, labels[index], opts, amp)  # the training loop's own step
+        counter[0] += 1
+        train.train_step(model, session, x, labels[index], opts, amp, counter[0])  # the loop's own step
         return data_seconds
 
     return step, opts.batch_size, session

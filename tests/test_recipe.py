@@ -71,11 +71,16 @@ def tiny_session(**changes):
 def test_the_weight_average_follows_each_step_and_is_what_is_validated_and_shipped():
     session, opts, (images, labels, *_) = tiny_session(ema_decay=0.9)
     x = train.augmented(session, images[:16], opts, torch.Generator().manual_seed(0))
-    train.train_step(session.model, session, x, labels[:16], opts, amp=False)
+    every = train.EMA_EVERY
+    train.train_step(session.model, session, x, labels[:16], opts, False, 0)
     first = [p.detach().clone() for p in session.model.parameters()]
-    train.train_step(session.model, session, x, labels[:16], opts, amp=False)
-    # the first update copies the weights, each later one moves 10% of the way to them
-    expected = [0.9 * a + 0.1 * b for a, b in zip(first, session.model.parameters(), strict=True)]
+    for index in range(1, every + 1):
+        train.train_step(session.model, session, x, labels[:16], opts, False, index)
+        if index < every:  # between updates the average stays where it was
+            assert torch.equal(next(session.trained.parameters()), first[0])
+    # the first update copies the weights, each later one moves 1 - 0.9^EMA_EVERY of the way to them
+    decay = 0.9**every
+    expected = [decay * a + (1 - decay) * b for a, b in zip(first, session.model.parameters(), strict=True)]
     assert session.trained is session.average.module
     for got, want in zip(session.trained.parameters(), expected, strict=True):
         assert torch.allclose(got, want, atol=1e-6)

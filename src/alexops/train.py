@@ -134,7 +134,8 @@ def build(
     )
     average = None
     if opts.ema_decay > 0:  # AlexNet has no buffers (no batch norm): averaging the parameters is all
-        average = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(opts.ema_decay))
+        decay = opts.ema_decay**EMA_EVERY  # the same horizon in steps, updated every EMA_EVERY steps
+        average = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(decay))
     return Session(model, optimizer, recipe, lighting, config, device, world, average)
 
 
@@ -144,15 +145,23 @@ def augmented(session: Session, images: torch.Tensor, opts: TrainParams, generat
     return x.contiguous(memory_format=torch.channels_last) if opts.channels_last else x
 
 
-def train_step(model, session: Session, x: torch.Tensor, y: torch.Tensor, opts: TrainParams, amp: bool):
-    """One SGD step on an augmented batch (and the weight average's update); (loss, logits)."""
+# An update of the weight average reads and writes every weight (18 MB at the CPU default, 0.7 GB
+# at the paper's size): every 4th step costs a quarter of that, with the decay compounded to match.
+EMA_EVERY = 4
+
+
+def train_step(
+    model, session: Session, x: torch.Tensor, y: torch.Tensor, opts: TrainParams, amp: bool, index: int = 0
+):
+    """SGD step number `index` (counted over the whole run) on an augmented batch, and the
+    weight average's update every EMA_EVERY steps; returns (loss, logits)."""
     with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=amp):
         logits = model(x)
         loss = F.cross_entropy(logits.float(), y, label_smoothing=opts.label_smoothing)
     session.optimizer.zero_grad(set_to_none=True)
     loss.backward()
     session.optimizer.step()
-    if session.average is not None:
+    if session.average is not None and index % EMA_EVERY == 0:
         session.average.update_parameters(session.model)
     return loss, logits
 
@@ -298,12 +307,13 @@ def train_epoch(model, session: Session, images, labels, opts: TrainParams, epoc
     )
     started = time.perf_counter()
     for step in bar:
-        lr = lr_at(opts, (epoch - 1) * steps + step, total_steps, progress.plateau.scale)
+        index = (epoch - 1) * steps + step
+        lr = lr_at(opts, index, total_steps, progress.plateau.scale)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        index = order[step * batch_size : (step + 1) * batch_size]
-        x, y = augmented(session, images[index], opts, generator), labels[index]
-        loss, logits = train_step(model, session, x, y, opts, amp)
+        batch = order[step * batch_size : (step + 1) * batch_size]
+        x, y = augmented(session, images[batch], opts, generator), labels[batch]
+        loss, logits = train_step(model, session, x, y, opts, amp, index)
         loss_sum += loss.detach() * len(y)
         correct += (logits.argmax(1) == y).sum()
         seen += len(y)
