@@ -52,6 +52,11 @@ def baseline_train() -> dict:
     return dict(json.loads(BASELINE_RUN.read_text())["train_params"])
 
 
+def committed() -> params.TrainParams:
+    """params.yaml's train section: the recipe `make bench` times."""
+    return params.load(ROOT / "params.yaml").train
+
+
 def options(changes: list[str]) -> params.TrainParams:
     """The baseline train params with `key=value` changes (YAML values), validated."""
     section = baseline_train()
@@ -63,12 +68,33 @@ def options(changes: list[str]) -> params.TrainParams:
     return params.from_dict({"train": section}).train
 
 
+# `plan`: the runs behind the README's "What bought what" and the final recipe's seed spread, in
+# order; each adds to the one before (the weight average rides along: it never feeds back into
+# training, so every run also reports itself without it)
+PLAN = [
+    ("ls", ["label_smoothing=0.1", "ema_decay=0.999"], 42),
+    ("ls_re", ["label_smoothing=0.1", "erasing=0.5", "ema_decay=0.999"], 42),
+]
+FINAL_SEEDS = (1, 2)
+
+
+def plan(args) -> None:
+    """Run every PLAN entry and the committed recipe at FINAL_SEEDS whose result is missing."""
+    runs = [(name, changes, seed) for name, changes, seed in PLAN]
+    runs += [("final", None, seed) for seed in FINAL_SEEDS]
+    for name, changes, seed in runs:
+        if (RESULTS / f"{name}-seed{seed}.json").exists() and not args.force:
+            print(f"{name} (seed {seed}): done, skipped (--force reruns it)")
+            continue
+        accuracy(argparse.Namespace(name=name, set=changes, seed=seed, data=args.data, threads=args.threads))
+
+
 def command() -> str:
     return " ".join(shlex.quote(a) for a in [Path(sys.executable).name, *sys.argv])
 
 
 def accuracy(args) -> None:
-    opts = options(args.set)
+    opts = options(args.set) if args.set is not None else committed()
     device = torch.device("cpu")
     torch.set_num_threads(args.threads)
     started = time.time()
@@ -77,7 +103,7 @@ def accuracy(args) -> None:
     result = {
         "name": args.name,
         "command": command(),
-        "changes": args.set,
+        "changes": args.set if args.set is not None else "params.yaml",
         "seed": args.seed,
         "threads": torch.get_num_threads(),
         "train_params": vars(opts),
@@ -181,9 +207,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--threads", type=int, default=2)
     sub = parser.add_subparsers(dest="mode", required=True)
-    acc = sub.add_parser("accuracy")
+    acc = sub.add_parser("accuracy", help="one training run: the baseline with --set changes")
     acc.add_argument("name")
     acc.add_argument("--set", action="append", default=[])
+    acc.add_argument("--committed", dest="set", action="store_const", const=None, help="params.yaml's recipe")
     acc.add_argument("--seed", type=int, default=42)
     acc.add_argument("--data", type=Path, default=DATA)
     cst = sub.add_parser("cost")
@@ -195,8 +222,11 @@ def main() -> None:
         "--clock", choices=("wall", "cpu"), default="wall", help="cpu: thread CPU time, 1 thread"
     )
     sub.add_parser("table")
+    pln = sub.add_parser("plan", help="every run of PLAN and the final recipe's seeds not yet done")
+    pln.add_argument("--data", type=Path, default=DATA)
+    pln.add_argument("--force", action="store_true")
     args = parser.parse_args()
-    {"accuracy": accuracy, "cost": cost, "table": table}[args.mode](args)
+    {"accuracy": accuracy, "cost": cost, "table": table, "plan": plan}[args.mode](args)
 
 
 if __name__ == "__main__":
