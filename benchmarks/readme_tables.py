@@ -212,13 +212,13 @@ TABLES: dict[str, Callable[[], str]] = {
 
 def render(readme: str) -> str:
     for name, make in TABLES.items():
-        pattern = re.compile(rf"(<!-- generated: {name} -->\n).*?(\n<!-- /generated: {name} -->)", re.S)
+        pattern = re.compile(rf"(<!-- generated: {name} -->\n).*?(<!-- /generated: {name} -->)", re.S)
         if not pattern.search(readme):
             raise SystemExit(
                 f"README.md has no <!-- generated: {name} --> … <!-- /generated: {name} --> block"
             )
         text = make()
-        readme = pattern.sub(lambda m, text=text: m.group(1) + text + m.group(2), readme)
+        readme = pattern.sub(lambda m, text=text: m.group(1) + text + "\n" + m.group(2), readme)
     return readme
 
 
