@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed-stamp
 MIRROR := /usr/share/datasets/fashion-mnist
 
 .PHONY: install mirror run flow sweep test lint format bench bench-gpu mlflow-ui mlflow-server clean \
-	prefect-server deploy push pull serve bench-serve stack stack-down stack-install bench-tracking bench-capture
+	prefect-server deploy push pull serve bench-serve stack stack-down stack-install bench-tracking bench-capture bench-recipe
 
 install: $(STAMP)
 
@@ -81,20 +81,34 @@ format: install
 	$(BIN)/ruff format src tests pipeline benchmarks stack
 	$(BIN)/ruff check --fix src tests pipeline benchmarks stack
 
-# Side-by-side measurements; results in benchmarks/results/*.json (see README, Benchmarks).
+# Side-by-side measurements; results in benchmarks/results/*.json with the command that made each,
+# and the README's tables rewritten from them (see README, Benchmarks). About an hour on 2 cores.
+EPOCHS = $$($(BIN)/python -c "import yaml; print(yaml.safe_load(open('params.yaml'))['train']['epochs'])")
 bench: install mirror
 	$(BIN)/python benchmarks/bench_lrn.py
-	$(BIN)/python benchmarks/bench_train.py --device cpu --image-size 227 --width 1.0 --steps 3 --seed-steps 3 \
+	$(BIN)/python benchmarks/bench_train.py --device cpu --preset paper --set amp=false --steps 3 --seed-steps 3 \
 	  --out benchmarks/results/train-cpu-227.json
-	$(BIN)/python benchmarks/bench_train.py --device cpu --image-size 227 --width 1.0 --steps 3 --seed-steps 3 \
-	  --set train.amp=true --out benchmarks/results/train-cpu-227-bf16.json
+	$(BIN)/python benchmarks/bench_train.py --device cpu --preset paper --steps 3 --seed-steps 3 \
+	  --out benchmarks/results/train-cpu-227-bf16.json
 	$(BIN)/python benchmarks/bench_train.py --device cpu --params params.yaml --steps 10 --seed-steps 3 \
-	  --epochs $$($(BIN)/python -c "import yaml; print(yaml.safe_load(open('params.yaml'))['train']['epochs'])") \
-	  --out benchmarks/results/train-cpu-default.json
+	  --epochs $(EPOCHS) --save artifacts/bench/default.pt --out benchmarks/results/train-cpu-default.json
+	$(BIN)/python benchmarks/bench_train.py --device cpu --preset paper --skip-seed --steps 3 \
+	  --epochs 1 --max-train $(PAPER_IMAGES) --no-ten-crop --save artifacts/bench/paper.pt \
+	  --out benchmarks/results/accuracy-cpu-paper.json
+	$(BIN)/python benchmarks/bench_int8.py artifacts/bench/paper.pt artifacts/bench/default.pt
+	$(BIN)/python benchmarks/readme_tables.py
+PAPER_IMAGES ?= 12800
 
-# The prepared GPU run (one call on a machine with CUDA and PyTorch).
+# The recipe ablation (README, "What bought what"): one 15-minute training per row and per seed,
+# their cost as interleaved ratios; hours on 2 cores
+bench-recipe: install mirror
+	$(BIN)/python benchmarks/bench_recipe.py plan
+	$(BIN)/python benchmarks/readme_tables.py
+
+# The prepared GPU run (one call on a machine with CUDA and PyTorch; .venv's python if there is one,
+# else python3): the paper preset's throughput and a training to convergence, about 10 minutes
 bench-gpu:
-	PY=$(BIN)/python bash benchmarks/gpu_check.sh
+	bash benchmarks/gpu_check.sh
 
 # The @champion of params.yaml's dataset on http://127.0.0.1:8000 (onnxruntime, hot reload when the
 # alias moves). Other models and options: make serve ARGS="--model-uri artifacts/fashion-mnist/model.int8.onnx"

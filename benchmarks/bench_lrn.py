@@ -13,6 +13,7 @@ import argparse
 import json
 import os
 import platform
+import shlex
 import statistics
 import sys
 import tempfile
@@ -171,6 +172,8 @@ def main(argv: list[str] | None = None) -> int:
     print_table(rows)
 
     payload = {
+        "command": " ".join(shlex.quote(a) for a in [Path(sys.executable).name, *sys.argv]),
+        "date": time.strftime("%Y-%m-%d %H:%M"),
         "benchmark": "LocalResponseNorm(size=5, alpha=5e-4, beta=0.75, k=2) forward+backward",
         "device": args.device,
         "device_name": device_name(device),

@@ -20,6 +20,7 @@ import gzip
 import json
 import os
 import platform
+import shlex
 import statistics
 import sys
 import tempfile
@@ -37,6 +38,8 @@ from alexops import augment, params, prepare, train  # noqa: E402
 from alexops.datasets import FASHION_MNIST, read_split  # noqa: E402
 from alexops.evaluate import metrics_from, predict_probabilities  # noqa: E402
 from alexops.model import count_parameters  # noqa: E402
+
+PARAMS = Path(__file__).resolve().parents[1] / "params.yaml"
 
 
 def sync(device: torch.device) -> None:
@@ -110,20 +113,17 @@ def alexops_step(images, labels, opts, device):
     generator = torch.Generator(device=device).manual_seed(0)
     amp = train.autocast_enabled(device, opts)
 
+    counter = [0]
+
     def step(timed_data: bool = False) -> float:
         index = torch.randint(0, len(labels), (opts.batch_size,), device=device, generator=generator)
         started = time.perf_counter()
-        x = augment.train_batch(images[index], session.recipe, session.lighting, opts.flip, generator)
-        if opts.channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
+        x = train.augmented(session, images[index], opts, generator)
         if timed_data:
             sync(device)
         data_seconds = time.perf_counter() - started
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-            loss = torch.nn.functional.cross_entropy(model(x).float(), labels[index])
-        session.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        session.optimizer.step()
+        counter[0] += 1
+        train.train_step(model, session, x, labels[index], opts, amp, counter[0])  # the loop's own step
         return data_seconds
 
     return step, opts.batch_size, session
@@ -218,11 +218,26 @@ def read_fashion_mnist(directory: Path):
         return (*read_split(Path(tmp), "train"), *read_split(Path(tmp), "test"))
 
 
-def accuracy_run(data_dir: Path, opts, device, seed: int, ten_crop: bool) -> dict:
+def test_accuracy(model, recipe, test_x, test_y, device, ten_crop: bool) -> dict:
+    result = {}
+    for name, ten in (("center_crop", False), ("ten_crop", True)):
+        if ten and not ten_crop:
+            continue
+        probs = predict_probabilities(model, test_x, recipe, 256, device, ten)
+        result[f"test_accuracy_{name}"] = metrics_from(probs, test_y, list(FASHION_MNIST.classes))["accuracy"]
+    return result
+
+
+def accuracy_run(
+    data_dir: Path, opts, device, seed: int, ten_crop: bool, save: Path | None = None, max_train: int = 0
+) -> dict:
+    """Train on Fashion-MNIST as the train stage does (same validation split and seeds) and
+    test on all 10,000 test images; `max_train` > 0 keeps that many training images (dry runs)."""
     train_x, train_y, test_x, test_y = read_fashion_mnist(data_dir)
     torch.manual_seed(seed)
     order = torch.randperm(len(train_y), generator=torch.Generator().manual_seed(seed))
     val, keep = order[: opts.val_size], order[opts.val_size :]
+    keep = keep[:max_train] if max_train else keep
     session = train.build(opts, stats_for(train_x), device)
     started = time.perf_counter()
     data = (train_x[keep], train_y[keep], train_x[val], train_y[val])
@@ -230,12 +245,21 @@ def accuracy_run(data_dir: Path, opts, device, seed: int, ten_crop: bool) -> dic
     sync(device)
     train_seconds = time.perf_counter() - started
     result = {"train_seconds": train_seconds, "history": progress.history}
-    for name, ten in (("center_crop", False), ("ten_crop", True)):
-        if ten and not ten_crop:
-            continue
-        probs = predict_probabilities(session.model, test_x, session.recipe, 256, device, ten)
-        result[f"test_accuracy_{name}"] = metrics_from(probs, test_y, list(FASHION_MNIST.classes))["accuracy"]
+    result |= test_accuracy(session.trained, session.recipe, test_x, test_y, device, ten_crop)
+    if session.average is not None:  # the average never feeds back into training: the same run without it
+        result["without_average"] = test_accuracy(
+            session.model, session.recipe, test_x, test_y, device, ten_crop
+        )
     result["wall_seconds"] = time.perf_counter() - started
+    if save is not None:  # the trained model in train's format, for export/quantize benchmarks
+        trained = {
+            "config": json.dumps(session.config),
+            "recipe": json.dumps(session.recipe.as_dict()),
+            "classes": json.dumps(list(FASHION_MNIST.classes)),
+            "state_dict": {k: v.cpu() for k, v in session.trained.state_dict().items()},
+        }
+        save.parent.mkdir(parents=True, exist_ok=True)
+        torch.save(trained, save)
     return result
 
 
@@ -251,10 +275,15 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3, help="turns of alexops and the seed (default 3)")
     parser.add_argument("--compile", action="store_true")
     parser.add_argument("--params", default=None, help="take train params from this params.yaml")
+    parser.add_argument("--preset", default=None, help="take train params from this preset (alexops.presets)")
     parser.add_argument("--set", action="append", default=[], help="train.KEY=VALUE override (YAML value)")
     parser.add_argument("--epochs", type=int, default=0, help="run a time-to-accuracy training of N epochs")
     parser.add_argument("--data", type=Path, default=Path("/usr/share/datasets/fashion-mnist"))
+    parser.add_argument("--max-train", type=int, default=0, help="train on this many images (dry runs)")
     parser.add_argument("--no-ten-crop", action="store_true")
+    parser.add_argument(
+        "--save", type=Path, default=None, help="write the trained model here (train's format)"
+    )
     parser.add_argument("--skip-seed", action="store_true")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
@@ -262,6 +291,8 @@ def main() -> None:
     opts = train_params(args)
     images, labels = synthetic(4096)
     result = {
+        "command": " ".join(shlex.quote(a) for a in [Path(sys.executable).name, *sys.argv]),
+        "date": time.strftime("%Y-%m-%d %H:%M"),
         "device": torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or "cpu",
         "threads": torch.get_num_threads(),
         "torch": torch.__version__,
@@ -281,7 +312,9 @@ def main() -> None:
             f"→ alexops is {result['speedup_vs_seed']:.2f}× (rounds: {low:.2f}–{high:.2f}×)"
         )
     if args.epochs:
-        result["accuracy_run"] = accuracy_run(args.data, opts, device, 42, not args.no_ten_crop)
+        result["accuracy_run"] = accuracy_run(
+            args.data, opts, device, 42, not args.no_ten_crop, save=args.save, max_train=args.max_train
+        )
         run = result["accuracy_run"]
         print(
             f"accuracy run: {args.epochs} epochs in {run['train_seconds']:.0f} s → test accuracy "
@@ -300,9 +333,13 @@ def arithmetic(timing: dict) -> str:
 def train_params(args) -> params.TrainParams:
     import yaml
 
+    from alexops import presets
+
     raw = yaml.safe_load(Path(args.params).read_text()) if args.params else {}
+    if args.preset:  # the preset's train settings over params.yaml's (its device choice aside)
+        raw = presets.apply(raw or yaml.safe_load(PARAMS.read_text()), args.preset)
     section = dict(raw.get("train", {}))
-    if not args.params:
+    if not (args.params or args.preset):
         section |= {"image_size": args.image_size, "width": args.width, "batch_size": args.batch_size}
     section |= {"compile": args.compile} if args.compile else {}
     for item in args.set:

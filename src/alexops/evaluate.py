@@ -8,7 +8,7 @@ import io
 
 import torch
 
-from alexops import augment, files, tracking
+from alexops import augment, figures, files, tracking
 from alexops.model import load_trained, pick_device
 from alexops.params import Params
 from alexops.paths import Paths
@@ -66,7 +66,7 @@ def run(params: Params, paths: Paths) -> None:
         mlflow.log_metrics(
             {f"test_class_{i}_accuracy": v for i, v in enumerate(report["per_class_accuracy"].values())}
         )
-        for name in ("evaluate.json", "confusion.png", "confusion.csv"):
+        for name in ("evaluate.json", "confusion.png", "confusion.csv", "mistakes.png"):
             mlflow.log_artifact(str(paths.reports / name), artifact_path="evaluate")
     print(
         f"evaluate: test accuracy {report['accuracy']:.4f} "
@@ -76,26 +76,30 @@ def run(params: Params, paths: Paths) -> None:
 
 
 def evaluate(params: Params, paths: Paths) -> dict:
-    """Test the trained model; write evaluate.json, confusion.csv and confusion.png."""
+    """Test the trained model; write evaluate.json, confusion.csv, confusion.png and mistakes.png."""
     device = pick_device(params.base.device)
     model, _, recipe, classes = load_trained(paths.model, device)
     images, labels = load_split(paths.prepared / "test.pt")
     opts = params.evaluate
-    centre = metrics_from(
-        predict_probabilities(model, images, recipe, opts.batch_size, device, False), labels, classes
-    )
+    probs = predict_probabilities(model, images, recipe, opts.batch_size, device, False)
+    centre = metrics_from(probs, labels, classes)
     report = {"accuracy_center_crop": centre["accuracy"], "loss_center_crop": centre["loss"]}
     best = centre
     if opts.ten_crop:
-        ten = metrics_from(
-            predict_probabilities(model, images, recipe, opts.batch_size, device, True), labels, classes
-        )
+        probs = predict_probabilities(model, images, recipe, opts.batch_size, device, True)
+        ten = metrics_from(probs, labels, classes)
         report |= {"accuracy_ten_crop": ten["accuracy"], "loss_ten_crop": ten["loss"]}
         best = ten
     # `accuracy` is the headline figure: the paper's 10-crop test when enabled
     report |= {"accuracy": best["accuracy"], "test_images": len(labels), "ten_crop": opts.ten_crop}
     report["per_class_accuracy"] = best["per_class_accuracy"]
     write_reports(paths, report, best, labels, classes)
+    worst = figures.worst_mistakes(probs, labels)
+    how = "10-crop" if opts.ten_crop else "centre crop"
+    grid = figures.mistakes_grid(
+        augment.preprocess(images[worst], recipe), labels[worst], probs[worst], classes, recipe, how
+    )
+    files.write_bytes(paths.reports / "mistakes.png", grid)
     return report
 
 

@@ -153,3 +153,102 @@ def load_trained(path: Path, device: torch.device | str = "cpu"):
     model.eval()
     recipe = Recipe.from_dict(json.loads(blob["recipe"]))
     return model, config, recipe, json.loads(blob["classes"])
+
+
+def layer_summary(model: AlexNet, in_channels: int) -> list[dict]:
+    """One row per layer of one image's forward pass: name (conv1 … fc8, relu1, lrn1, pool1,
+    dropout6, …), kind, output shape (without the batch axis), parameters and multiply-adds.
+
+    Multiply-adds count the convolutions and fully connected layers (the paper's convention,
+    ~0.72 G per RGB image at 227 px and width 1.0); ReLU, LRN and pooling count 0.
+    """
+    names = _layer_names(model)
+    rows: list[dict] = []
+
+    def record(module: nn.Module, _inputs, output: torch.Tensor) -> None:
+        macs = 0
+        if isinstance(module, nn.Conv2d):
+            window = module.in_channels // module.groups * module.kernel_size[0] * module.kernel_size[1]
+            macs = output[0].numel() * window
+        elif isinstance(module, nn.Linear):
+            macs = module.in_features * module.out_features
+        rows.append(
+            {
+                "layer": names[module],
+                "kind": _kind(module),
+                "output": list(output.shape[1:]),
+                "parameters": count_parameters(module),
+                "multiply_adds": macs,
+            }
+        )
+
+    hooks = [m.register_forward_hook(record) for m in names]
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            parameter = next(model.parameters())
+            model(parameter.new_zeros(1, in_channels, model.image_size, model.image_size))
+    finally:
+        model.train(was_training)
+        for hook in hooks:
+            hook.remove()
+    return rows
+
+
+def _layer_names(model: AlexNet) -> dict[nn.Module, str]:
+    """The paper's names: convolutions 1-5 and fc 6-8; a ReLU, LRN, pool or dropout takes
+    the number of the layer it follows."""
+    names: dict[nn.Module, str] = {}
+    number, prefixes = (
+        0,
+        {nn.ReLU: "relu", LocalResponseNorm: "lrn", nn.MaxPool2d: "pool", nn.Dropout: "dropout"},
+    )
+    for module in [*model.features, *model.classifier]:
+        if isinstance(module, nn.Conv2d | nn.Linear):
+            number += 1
+            names[module] = f"{'conv' if isinstance(module, nn.Conv2d) else 'fc'}{number}"
+        else:
+            names[module] = f"{prefixes[type(module)]}{number}"
+    return names
+
+
+def _kind(module: nn.Module) -> str:
+    if isinstance(module, nn.Conv2d):
+        (kh, kw), (stride, _), groups = module.kernel_size, module.stride, module.groups
+        return f"Conv {kh}×{kw}/{stride}" + (f", {groups} groups" if groups > 1 else "")
+    if isinstance(module, nn.MaxPool2d):
+        return f"MaxPool {module.kernel_size}×{module.kernel_size}/{module.stride}"
+    if isinstance(module, nn.Dropout):
+        return f"Dropout {module.p:g}"
+    if isinstance(module, nn.Linear):
+        return "Linear"
+    return type(module).__name__.replace("LocalResponseNorm", "LRN")
+
+
+def summary_text(rows: list[dict], in_channels: int, image_size: int) -> str:
+    """The layer table as aligned text, with the input row and the totals."""
+    header = ("layer", "kind", "output", "parameters", "multiply-adds")
+    lines = [("input", "", "×".join(map(str, (in_channels, image_size, image_size))), "", "")]
+    for row in rows:
+        lines.append(
+            (
+                row["layer"],
+                row["kind"],
+                "×".join(map(str, row["output"])),
+                f"{row['parameters']:,}" if row["parameters"] else "",
+                f"{row['multiply_adds']:,}" if row["multiply_adds"] else "",
+            )
+        )
+    params, macs = sum(r["parameters"] for r in rows), sum(r["multiply_adds"] for r in rows)
+    lines.append(("total", f"{params * 4 / 1e6:.1f} MB of fp32 weights", "", f"{params:,}", f"{macs:,}"))
+    widths = [max(len(str(line[i])) for line in [header, *lines]) for i in range(5)]
+    align = ["<", "<", ">", ">", ">"]
+
+    def fmt(line) -> str:
+        return "  ".join(
+            f"{str(cell):{a}{w}}" for cell, a, w in zip(line, align, widths, strict=True)
+        ).rstrip()
+
+    rule = "-" * len(fmt(header))
+    return "\n".join([fmt(header), rule, *map(fmt, lines[:-1]), rule, fmt(lines[-1])]) + "\n"

@@ -124,7 +124,14 @@ class TrainParams:
     weight_decay: float = _rule(5e-4, min=0.0, max=0.1)
     schedule: str = _rule("onecycle", choices=("plateau", "onecycle", "cosine", "constant"))
     warmup_epochs: float = _rule(0.0, min=0.0, max=100.0)
+    # Cross-entropy against (1 - ε) one-hot + ε uniform (Szegedy et al. 2016, §7).
     label_smoothing: float = _rule(0.0, min=0.0, max=0.5)
+    # Random erasing (Zhong et al. 2020): the probability that an image gets a random rectangle
+    # (2-40% of its area) replaced by noise, after the paper's augmentation; 0 turns it off.
+    erasing: float = _rule(0.0, min=0.0, max=1.0)
+    # Per-step decay of an exponential moving average of the weights, which is then what is
+    # validated and shipped (w_avg ← d·w_avg + (1 - d)·w; horizon ≈ 1/(1 - d) steps); 0: off.
+    ema_decay: float = _rule(0.0, min=0.0, max=0.99999)
     # Held out of the training set for per-epoch validation and the plateau schedule.
     val_size: int = _rule(5000, min=0)
     flip: bool = _rule(True)
@@ -158,6 +165,10 @@ class QuantizeParams:
     calibration_images: int = _rule(512, min=1, max=100000)
     # The stage fails when int8 test accuracy is below fp32's by more than this (0.005 = 0.5 points).
     max_accuracy_drop: float = _rule(0.005, min=0.0, max=1.0)
+    # The paper's convolutions kept in float (the LRNs always are); [] quantises every one.
+    float_layers: tuple[str, ...] = _rule(
+        ("conv1", "conv2"), items=("conv1", "conv2", "conv3", "conv4", "conv5")
+    )
 
 
 @dataclass(frozen=True)
@@ -335,6 +346,9 @@ def _check(key: str, value: Any, hint: Any, rules: typing.Mapping[str, Any]) -> 
         raise AlexopsError(f"{key} must be ≥ {rules['min']}, got {value!r}.")
     if "max" in rules and value > rules["max"]:
         raise AlexopsError(f"{key} must be ≤ {rules['max']}, got {value!r}.")
+    if "items" in rules and any(item not in rules["items"] for item in value):
+        bad = next(item for item in value if item not in rules["items"])
+        raise AlexopsError(f"{key} may list only {', '.join(rules['items'])}; got {printable(str(bad))!r}.")
     if "min_len" in rules and len(value) < rules["min_len"]:
         raise AlexopsError(f"{key} must list at least {rules['min_len']} item(s).")
     if rules.get("sha256_values"):

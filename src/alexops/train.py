@@ -19,9 +19,10 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from tqdm import tqdm
 
-from alexops import augment, distributed, files, lrn, tracking
+from alexops import augment, distributed, figures, files, lrn, tracking
 from alexops import model as model_module
 from alexops import progress as progress_line
 from alexops.cache import take
@@ -98,6 +99,13 @@ class Session:
     config: dict
     device: torch.device
     world: distributed.World = distributed.ALONE
+    # an exponential moving average of the weights (train.ema_decay > 0), else None
+    average: AveragedModel | None = None
+
+    @property
+    def trained(self) -> torch.nn.Module:
+        """The weights that are validated and shipped: the average when there is one."""
+        return self.average.module if self.average is not None else self.model
 
 
 def build(
@@ -125,7 +133,38 @@ def build(
     optimizer = torch.optim.SGD(
         model.parameters(), lr=opts.lr, momentum=opts.momentum, weight_decay=opts.weight_decay
     )
-    return Session(model, optimizer, recipe, lighting, config, device, world)
+    average = None
+    if opts.ema_decay > 0:  # AlexNet has no buffers (no batch norm): averaging the parameters is all
+        decay = opts.ema_decay**EMA_EVERY  # the same horizon in steps, updated every EMA_EVERY steps
+        average = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(decay))
+    return Session(model, optimizer, recipe, lighting, config, device, world, average)
+
+
+def augmented(session: Session, images: torch.Tensor, opts: TrainParams, generator) -> torch.Tensor:
+    """A uint8 batch on the device → the augmented float batch the model trains on."""
+    x = augment.train_batch(images, session.recipe, session.lighting, opts.flip, generator, opts.erasing)
+    return x.contiguous(memory_format=torch.channels_last) if opts.channels_last else x
+
+
+# An update of the weight average reads and writes every weight (18 MB at the CPU default, 0.7 GB
+# at the paper's size): every 4th step costs a quarter of that, with the decay compounded to match.
+EMA_EVERY = 4
+
+
+def train_step(
+    model, session: Session, x: torch.Tensor, y: torch.Tensor, opts: TrainParams, amp: bool, index: int = 0
+):
+    """SGD step number `index` (counted over the whole run) on an augmented batch, and the
+    weight average's update every EMA_EVERY steps; returns (loss, logits)."""
+    with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=amp):
+        logits = model(x)
+        loss = F.cross_entropy(logits.float(), y, label_smoothing=opts.label_smoothing)
+    session.optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    session.optimizer.step()
+    if session.average is not None and index % EMA_EVERY == 0:
+        session.average.update_parameters(session.model)
+    return loss, logits
 
 
 def fit(
@@ -198,6 +237,9 @@ def train_on(params: Params, paths: Paths, device: torch.device, world: distribu
             mlflow.log_metrics(metrics, step=row["epoch"])
             save_checkpoint(paths, session, progress, expected, mlflow.active_run().info.run_id)
 
+        if world.is_main:  # look before you train: the inputs and the model, before the first step
+            for name in write_previews(paths, session, data, opts, params.base.seed, stats["classes"]):
+                mlflow.log_artifact(str(paths.reports / name), artifact_path="train")
         fit(session, data, opts, params.base.seed, params.evaluate.batch_size, progress, after_epoch)
         if not distributed.weights_agree(session.model, world):
             raise AlexopsError(
@@ -226,16 +268,32 @@ def split_validation(paths: Paths, val_size: int, seed: int):
     return take(images, train), labels[train], take(images, val), labels[val]
 
 
+def epoch_draws(n: int, seed: int, epoch: int, world: distributed.World, device: torch.device):
+    """(this rank's share of the epoch's order, the generator of its augmentation draws)."""
+    generator = torch.Generator(device=device).manual_seed(seed * 1000 + epoch)
+    # every rank draws the same order and trains on its own slice of it (DDP sharding)
+    order = torch.randperm(n, device=device, generator=generator)[world.rank :: world.size]
+    if world.size > 1:  # and its own augmentation draws
+        generator = torch.Generator(device=device).manual_seed(seed * 1000 + epoch + 7919 * world.rank)
+    return order, generator
+
+
+def first_batch(session: Session, images, labels, opts: TrainParams, seed: int):
+    """The first training batch of epoch 1 exactly as the model gets it: (augmented images, labels).
+
+    The same draws as train_epoch's, from fresh generators, so training itself is not disturbed."""
+    device = session.device
+    order, generator = epoch_draws(len(labels), seed, 1, session.world, device)
+    index = order[: opts.batch_size // session.world.size]
+    return augmented(session, images.to(device)[index], opts, generator), labels.to(device)[index]
+
+
 def train_epoch(model, session: Session, images, labels, opts: TrainParams, epoch, seed, progress):
     """One pass in a seeded order; seeds derive from (seed, epoch) so a resume repeats it."""
     model.train()
-    optimizer, recipe, lighting = session.optimizer, session.recipe, session.lighting
+    optimizer = session.optimizer
     device, world = images.device, session.world
-    generator = torch.Generator(device=device).manual_seed(seed * 1000 + epoch)
-    # every rank draws the same order and trains on its own slice of it (DDP sharding)
-    order = torch.randperm(len(labels), device=device, generator=generator)[world.rank :: world.size]
-    if world.size > 1:  # and its own augmentation draws
-        generator = torch.Generator(device=device).manual_seed(seed * 1000 + epoch + 7919 * world.rank)
+    order, generator = epoch_draws(len(labels), seed, epoch, world, device)
     batch_size = opts.batch_size // world.size
     steps = len(labels) // world.size // batch_size or 1
     total_steps = steps * opts.epochs
@@ -252,20 +310,13 @@ def train_epoch(model, session: Session, images, labels, opts: TrainParams, epoc
     )
     started = time.perf_counter()
     for step in bar:
-        lr = lr_at(opts, (epoch - 1) * steps + step, total_steps, progress.plateau.scale)
+        index = (epoch - 1) * steps + step
+        lr = lr_at(opts, index, total_steps, progress.plateau.scale)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        index = order[step * batch_size : (step + 1) * batch_size]
-        x = augment.train_batch(images[index], recipe, lighting, opts.flip, generator)
-        if opts.channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
-        y = labels[index]
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-            logits = model(x)
-            loss = F.cross_entropy(logits.float(), y, label_smoothing=opts.label_smoothing)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+        batch = order[step * batch_size : (step + 1) * batch_size]
+        x, y = augmented(session, images[batch], opts, generator), labels[batch]
+        loss, logits = train_step(model, session, x, y, opts, amp, index)
         loss_sum += loss.detach() * len(y)
         correct += (logits.argmax(1) == y).sum()
         seen += len(y)
@@ -292,7 +343,7 @@ def validate(session: Session, images, labels, batch_size: int) -> tuple[float, 
     if len(labels) == 0:
         return math.nan, math.nan
     probs = predict_probabilities(
-        session.model, images, session.recipe, batch_size, session.device, ten_crop=False
+        session.trained, images, session.recipe, batch_size, session.device, ten_crop=False
     )
     loss = F.nll_loss(probs.clamp_min(1e-12).log(), labels).item()
     return loss, (probs.argmax(1) == labels).float().mean().item()
@@ -313,6 +364,8 @@ def resume(paths: Paths, expected: str, session: Session) -> tuple[Progress, str
     try:
         session.model.load_state_dict(state["model"])
         session.optimizer.load_state_dict(state["optimizer"])
+        if session.average is not None:
+            session.average.load_state_dict(state["average"])
     except (RuntimeError, ValueError, KeyError) as exc:
         print(f"train: checkpoint does not fit this model ({exc.__class__.__name__}); starting afresh")
         return Progress(), None
@@ -333,13 +386,14 @@ def save_checkpoint(paths: Paths, session: Session, progress: Progress, fp: str,
         "plateau": json.dumps(asdict(progress.plateau)),
         "rng_cpu": torch.get_rng_state(),
         "fingerprint": fp,
+        **({"average": session.average.state_dict()} if session.average is not None else {}),
         "run_id": run_id,
     }
     files.save_torch(paths.checkpoint, state)
 
 
 def write_outputs(paths: Paths, session: Session, stats: dict, progress: Progress) -> None:
-    model = session.model
+    model = session.trained
     trained = {
         "config": json.dumps(session.config),
         "recipe": json.dumps(session.recipe.as_dict()),
@@ -363,6 +417,25 @@ def write_outputs(paths: Paths, session: Session, stats: dict, progress: Progres
     writer.writerows(progress.history)
     files.write_text(paths.reports / "train_history.csv", buffer.getvalue())
     files.write_bytes(paths.reports / "curves.png", curves_png(progress.history))
+
+
+PREVIEWS = ("augmented.png", "model_summary.txt", "model_summary.png")
+
+
+def write_previews(paths: Paths, session: Session, data, opts: TrainParams, seed: int, classes) -> tuple:
+    """The first augmented training batch as a labelled grid and the model's layer table
+    (text and image); returns their file names under reports/."""
+    batch, labels = first_batch(session, data[0], data[1], opts, seed)
+    grid = figures.augmented_grid(batch, labels, classes, session.recipe)
+    channels = session.config["in_channels"]
+    table = model_module.summary_text(
+        model_module.layer_summary(session.model, channels), channels, opts.image_size
+    )
+    title = f"AlexNet at {opts.image_size} px, width {opts.width:g}: one image's forward pass"
+    files.write_bytes(paths.reports / PREVIEWS[0], grid)
+    files.write_text(paths.reports / PREVIEWS[1], table)
+    files.write_bytes(paths.reports / PREVIEWS[2], figures.table_png(table, title))
+    return PREVIEWS
 
 
 def autocast_enabled(device: torch.device, opts: TrainParams) -> bool:

@@ -1,0 +1,245 @@
+"""Rewrite the README's benchmark tables from benchmarks/results/*.json.
+
+    python benchmarks/readme_tables.py          # rewrite README.md in place
+    python benchmarks/readme_tables.py --check  # exit 1 if README.md is not what the files say
+
+Each table sits between `<!-- generated: NAME -->` and `<!-- /generated: NAME -->` in
+README.md; everything between the two markers is replaced, everything else is kept. Every
+row names the results file it comes from; each file holds the command that made it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import statistics
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results"
+RECIPE = RESULTS / "recipe"
+
+# The recipe ablation, in the order each change was added (names of results/recipe/<name>-seed42.json)
+ABLATION = {
+    "baseline": "the starting recipe: 99 px, width 0.25, 30 epochs, one-cycle SGD (lr 0.05), batch 128",
+    "ls": "+ label smoothing 0.1",
+    "ls_re": "+ random erasing (p = 0.5)",
+    "combo": "+ weight EMA (decay 0.999 per step)",
+}
+
+
+def load(path: Path) -> dict | None:
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def rel(path: Path) -> str:
+    return f"`{path.relative_to(ROOT)}`"
+
+
+def pct(x: float) -> str:
+    return f"{100 * x:.2f}%"
+
+
+def table(header: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def costs() -> dict:
+    found = {}
+    for path in sorted(RECIPE.glob("cost*.json")):
+        for name, entry in json.loads(path.read_text())["variants"].items():
+            found[name] = entry | {"file": path}
+    return found
+
+
+def recipe_table() -> str:
+    baseline = load(RECIPE / "baseline-quiet.json")
+    base_seconds = baseline["accuracy_run"]["train_seconds"]
+    base_epochs = baseline["train_params"]["epochs"]
+    speeds = costs()
+    rows, previous = [], None
+    for name, change in ABLATION.items():
+        if name == "baseline":
+            acc, centre = baseline["accuracy_run"]["test_accuracy_ten_crop"], None
+            centre = baseline["accuracy_run"]["test_accuracy_center_crop"]
+            seconds, source = f"{base_seconds:.0f} (measured, quiet)", RECIPE / "baseline-quiet.json"
+        else:
+            run = load(RECIPE / f"{name}-seed42.json")
+            if run is None:
+                continue
+            acc, centre, source = (
+                run["test_accuracy_ten_crop"],
+                run["test_accuracy_center_crop"],
+                RECIPE / f"{name}-seed42.json",
+            )
+            speed = speeds.get(name, {}).get("speed_vs_baseline")
+            epochs = run["train_params"]["epochs"]
+            seconds = (
+                f"≈ {base_seconds * epochs / base_epochs / speed:.0f} (×{1 / speed:.2f} per epoch)"
+                if speed
+                else "?"
+            )
+        delta = "" if previous is None else f"{100 * (acc - previous):+.2f}"
+        rows.append([change, pct(acc), pct(centre), delta, seconds, rel(source)])
+        previous = acc
+    return table(
+        [
+            "recipe (each row adds to the one above)",
+            "test acc. (10-crop)",
+            "centre crop",
+            "Δ points",
+            "training s",
+            "source",
+        ],
+        rows,
+    )
+
+
+def seeds_table() -> str:
+    runs = [load(p) for p in sorted(RECIPE.glob("final-seed*.json"))]
+    if not runs:
+        return "_No multi-seed runs yet (`make bench-recipe`)._"
+    rows = [
+        [str(r["seed"]), pct(r["test_accuracy_ten_crop"]), pct(r["test_accuracy_center_crop"])] for r in runs
+    ]
+    tens = [r["test_accuracy_ten_crop"] for r in runs]
+    spread = f"mean {pct(statistics.mean(tens))}, min {pct(min(tens))}, max {pct(max(tens))}"
+    if len(tens) > 1:
+        spread += f", sd {100 * statistics.stdev(tens):.2f} points"
+    rows.append(["all", spread, ""])
+    return table(["seed", "test acc. (10-crop)", "centre crop"], rows)
+
+
+def throughput_table() -> str:
+    rows = []
+    for path in sorted(RESULTS.glob("train-cpu-*.json")):
+        r = load(path)
+        opts, ours = r["train_params"], r["alexops"]
+        config = f"{opts['image_size']} px, width {opts['width']:g}" + (
+            ", bf16" if opts.get("amp") else ", fp32"
+        )
+        seed = r.get("seed")
+        if seed:
+            low, high = min(r["speedup_vs_seed_by_round"]), max(r["speedup_vs_seed_by_round"])
+            versus = (
+                f"{seed['img_per_s']:.0f} img/s → **{r['speedup_vs_seed']:.2f}×** ({low:.2f}–{high:.2f}×)"
+            )
+        else:
+            versus = "not measured"
+        gflops = ours["img_per_s"] * ours["gflop_per_image"]
+        arithmetic = f"{gflops:.0f} (matmul {r['matmul_gflop_per_s']:.0f})"
+        rows.append(
+            [
+                config,
+                f"{ours['img_per_s']:.0f}",
+                versus,
+                arithmetic,
+                f"{100 * ours['data_share']:.1f}%",
+                rel(path),
+            ]
+        )
+    return table(
+        ["training at", "alexops img/s", "seed recipe, speed-up (rounds)", "GFLOP/s", "data share", "source"],
+        rows,
+    )
+
+
+def time_to_accuracy_table() -> str:
+    path = RESULTS / "train-cpu-default.json"
+    r = load(path)
+    run = r["accuracy_run"]
+    epochs = r["train_params"]["epochs"]
+    curve = ", ".join(
+        f"{row['epoch']}: {pct(row['val_accuracy'])}"
+        for row in run["history"]
+        if row["epoch"] in (1, epochs // 5, 2 * epochs // 5, 3 * epochs // 5, 4 * epochs // 5, epochs)
+    )
+    header = [
+        "default params",
+        "training s",
+        "test acc. (10-crop)",
+        "centre crop",
+        "validation accuracy by epoch",
+    ]
+    row = [f"{epochs} epochs {r.get('date', '')}".strip(), f"{run['train_seconds']:.0f}"]
+    row += [pct(run["test_accuracy_ten_crop"]), pct(run["test_accuracy_center_crop"]), curve]
+    return table([*header, "source"], [[*row, rel(path)]])
+
+
+def int8_table() -> str:
+    path = RESULTS / "int8.json"
+    r = load(path)
+    if r is None:
+        return "_Not measured yet (`make bench`)._"
+    rows = []
+    for m in r["models"]:
+        model = f"{m['image_size']} px, width {m['width']:g} ({m['parameters'] / 1e6:.1f} M params)"
+        acc = m["accuracy_center_crop"]
+        rows.append([model, "fp32", f"{m['batch_1']['img_per_s']['fp32']:.0f}", "",
+                     f"{m['batch_64']['img_per_s']['fp32']:.0f}", "", pct(acc["fp32"]), "",
+                     f"{m['bytes']['fp32'] / 1e6:.1f} MB"])  # fmt: skip
+        for name in acc:
+            if name == "fp32":
+                continue
+            b1, b64 = m["batch_1"][f"{name} vs fp32"], m["batch_64"][f"{name} vs fp32"]
+            rows.append(
+                ["", name, f"{m['batch_1']['img_per_s'][name]:.0f}", ratio(b1),
+                 f"{m['batch_64']['img_per_s'][name]:.0f}", ratio(b64), pct(acc[name]),
+                 f"{m['accuracy_drop_points'][name]:.2f}", f"{m['bytes'][name] / 1e6:.1f} MB"]
+            )  # fmt: skip
+    header = ["model", "onnxruntime", "batch 1 img/s", "vs fp32", "batch 64 img/s", "vs fp32",
+              "test acc. (centre, 10,000)", "drop (points)", "size"]  # fmt: skip
+    return table(header, rows) + f"\n\nSource: {rel(path)}."
+
+
+def ratio(entry: dict) -> str:
+    return f"**{entry['median']:.2f}×** ({min(entry['by_round']):.2f}–{max(entry['by_round']):.2f})"
+
+
+TABLES: dict[str, Callable[[], str]] = {
+    "time-to-accuracy": time_to_accuracy_table,
+    "recipe": recipe_table,
+    "seeds": seeds_table,
+    "throughput": throughput_table,
+    "int8": int8_table,
+}
+
+
+def render(readme: str) -> str:
+    for name, make in TABLES.items():
+        pattern = re.compile(rf"(<!-- generated: {name} -->\n).*?(<!-- /generated: {name} -->)", re.S)
+        if not pattern.search(readme):
+            raise SystemExit(
+                f"README.md has no <!-- generated: {name} --> … <!-- /generated: {name} --> block"
+            )
+        text = make()
+        readme = pattern.sub(lambda m, text=text: m.group(1) + text + "\n" + m.group(2), readme)
+    return readme
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--check", action="store_true")
+    parser.add_argument("--readme", type=Path, default=ROOT / "README.md")
+    args = parser.parse_args()
+    current = args.readme.read_text()
+    wanted = render(current)
+    if args.check:
+        if wanted != current:
+            print(
+                f"{args.readme} is not what benchmarks/results says: run python benchmarks/readme_tables.py"
+            )
+            return 1
+        return 0
+    args.readme.write_text(wanted)
+    print(f"rewrote the tables in {args.readme}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
