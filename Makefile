@@ -70,8 +70,11 @@ push: install
 pull: install
 	$(BIN)/dvc pull
 
+# Test files run side by side (pytest-xdist, a file per worker): most of a test's time is spent
+# waiting on the servers and processes it starts, so 4 workers fit 2 cores.
+TEST_WORKERS ?= 4
 test: install stack-install
-	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m pytest
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadfile
 
 lint: install
 	$(BIN)/ruff check src tests pipeline benchmarks stack
