@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed-stamp
 MIRROR := /usr/share/datasets/fashion-mnist
 
 .PHONY: install mirror run flow sweep test lint format bench bench-gpu mlflow-ui mlflow-server clean \
-	prefect-server deploy push pull serve bench-serve stack stack-down stack-install bench-tracking bench-capture bench-recipe
+	prefect-server deploy push pull serve bench-serve stack stack-down stack-install bench-tracking bench-capture bench-recipe bench-prepare
 
 install: $(STAMP)
 
@@ -127,6 +127,14 @@ bench-serve: install
 # Fashion-MNIST's test images as shop photos through the capture recipe (benchmarks/results/capture.json)
 bench-capture: install mirror
 	$(BIN)/python benchmarks/bench_capture.py --model artifacts/fashion-mnist/model.onnx
+
+# Folder datasets (benchmarks/results/prepare-*.json): decoding against torchvision's ImageFolder,
+# the folder path against the IDX path on Fashion-MNIST, 10,000 and 100,000 images, streaming
+bench-prepare: install mirror
+	$(BIN)/python benchmarks/bench_prepare.py speed
+	$(BIN)/python benchmarks/bench_prepare.py stream
+	$(BIN)/python benchmarks/bench_prepare.py equivalence
+	$(BIN)/python benchmarks/bench_prepare.py scale
 
 mlflow-ui: install
 	$(BIN)/mlflow ui --backend-store-uri sqlite:///mlflow.db --host 127.0.0.1 --port 5000

@@ -260,7 +260,8 @@ def split_validation(paths: Paths, val_size: int, seed: int):
     if val_size >= len(labels):
         raise AlexopsError(
             f"train.val_size ({val_size}) leaves no training images out of {len(labels)}. "
-            "Fix: lower train.val_size or raise prepare.max_train."
+            f"Fix: lower train.val_size (a tenth of the images: {max(1, len(labels) // 10)}), or raise "
+            "prepare.max_train if it is set."
         )
     order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(seed))
     val, train = order[:val_size], order[val_size:]

@@ -265,9 +265,12 @@ class ModelSource:
 
         mlflow.set_tracking_uri(self.tracking_uri)
         mlflow.set_registry_uri(self.tracking_uri)
+        client = mlflow.MlflowClient()
         try:
-            return call(mlflow.MlflowClient())
+            return call(client)
         except MlflowException as exc:
+            if self.ref.alias is not None and "alias" in str(exc).lower():
+                raise self._no_such_alias(client) from exc
             if exc.error_code == "RESOURCE_DOES_NOT_EXIST":
                 raise AlexopsError(
                     f"{self.ref.uri} is not in the MLflow registry at {self.tracking_uri} "
@@ -279,6 +282,23 @@ class ModelSource:
             raise
         except Exception as exc:  # connection refused, a locked database, a missing artifact
             raise self._unreachable(exc) from exc
+
+    def _no_such_alias(self, client) -> AlexopsError:
+        """The model is registered but nothing holds the alias: say which versions there are and why."""
+        versions = sorted(client.search_model_versions(f"name = '{self.ref.name}'"), key=lambda v: int(v.version))
+        if not versions:
+            return AlexopsError(
+                f"{self.ref.uri}: {self.ref.name} has no versions in {self.tracking_uri}. "
+                "Fix: run `make run` (its register stage registers the model)."
+            )
+        latest = versions[-1]
+        decision = latest.tags.get("decision", "no decision recorded")
+        return AlexopsError(
+            f"{self.ref.uri}: {self.ref.name} has versions {versions[0].version}-{latest.version} but none is "
+            f"@{self.ref.alias} (version {latest.version}: {decision}). Fix: serve one anyway with "
+            f"--model-uri models:/{self.ref.name}/{latest.version}, or train a better model (a lower "
+            "register.min_accuracy lets the next register promote it)."
+        )
 
     def _unreachable(self, exc: Exception) -> AlexopsError:
         return AlexopsError(
