@@ -536,8 +536,9 @@ def test_serve_names_a_model_the_registry_does_not_hold(registry, tmp_path):
     )
     assert done.returncode == 2
     assert "not in the MLflow registry" in done.stderr and "Traceback" not in done.stderr
-    # registered, but no version holds the alias (every one fell short of the gate): say so and how to serve one
-    done = alexops("serve", "--model-uri", f"models:/{REGISTERED}@nobody", "--port", "0", env=env, cwd=tmp_path)
+    # registered, but no version holds the alias (all fell short of the gate): say so, and how to serve one
+    uri = f"models:/{REGISTERED}@nobody"
+    done = alexops("serve", "--model-uri", uri, "--port", "0", env=env, cwd=tmp_path)
     assert done.returncode == 2 and "Traceback" not in done.stderr
     assert "none is @nobody" in done.stderr and f"--model-uri models:/{REGISTERED}/" in done.stderr
 

@@ -285,7 +285,8 @@ class ModelSource:
 
     def _no_such_alias(self, client) -> AlexopsError:
         """The model is registered but nothing holds the alias: say which versions there are and why."""
-        versions = sorted(client.search_model_versions(f"name = '{self.ref.name}'"), key=lambda v: int(v.version))
+        found = client.search_model_versions(f"name = '{self.ref.name}'")
+        versions = sorted(found, key=lambda v: int(v.version))
         if not versions:
             return AlexopsError(
                 f"{self.ref.uri}: {self.ref.name} has no versions in {self.tracking_uri}. "
@@ -294,8 +295,8 @@ class ModelSource:
         latest = versions[-1]
         decision = latest.tags.get("decision", "no decision recorded")
         return AlexopsError(
-            f"{self.ref.uri}: {self.ref.name} has versions {versions[0].version}-{latest.version} but none is "
-            f"@{self.ref.alias} (version {latest.version}: {decision}). Fix: serve one anyway with "
+            f"{self.ref.uri}: {self.ref.name} has versions {versions[0].version}-{latest.version} but "
+            f"none is @{self.ref.alias} (version {latest.version}: {decision}). Fix: serve one anyway with "
             f"--model-uri models:/{self.ref.name}/{latest.version}, or train a better model (a lower "
             "register.min_accuracy lets the next register promote it)."
         )
