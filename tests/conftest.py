@@ -24,6 +24,18 @@ from alexops.paths import Paths
 REPO = Path(__file__).resolve().parents[1]
 VENV_BIN = str(Path(sys.executable).parent)
 
+# The longest test files first (measured: minutes each), so that `make test`'s workers
+# (pytest-xdist, one file per worker) start them together rather than end on one of them alone.
+LONGEST_FIRST = (
+    "test_stack.py", "test_flow.py", "test_faults.py", "test_experiments.py", "test_pipeline.py",
+    "test_runs.py", "test_folder_pipeline.py", "test_serve.py", "test_train.py", "test_protocols.py",
+)  # fmt: skip
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: a file keeps its order
+
 
 def idx_bytes(array: np.ndarray) -> bytes:
     """An IDX file of unsigned bytes: magic 0x00000803 (or 01), big-endian dims, data."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import collections
 import json
+import os
 
 import numpy as np
 import onnx
@@ -33,6 +34,8 @@ def exported(prepared):
     paths.onnx.write_bytes(proto.SerializeToString())
     with tracking.new_run(loaded, paths):  # the model's run, as train opens it
         pass
+    # nothing leaks into this process's later runs (mlflow.set_experiment would export its id)
+    assert "MLFLOW_EXPERIMENT_ID" not in os.environ
     return loaded, paths, recipe
 
 

@@ -55,8 +55,9 @@ def run(args: argparse.Namespace) -> int:
     if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_-]*", name):
         raise AlexopsError(f"--name {name!r}: use letters, digits, - and _ (it names git refs).")
     mlflow = tracking.connect(root)
-    tracking.use_experiment(mlflow, params, root)
-    parent = mlflow.start_run(run_name=name, tags={"sweep": name, "sweep.grid": " ".join(args.grid)})
+    experiment_id = tracking.use_experiment(mlflow, params, root)
+    tags = {"sweep": name, "sweep.grid": " ".join(args.grid)}
+    parent = mlflow.start_run(experiment_id=experiment_id, run_name=name, tags=tags)
     status, points = "FAILED", []
     try:
         points = queue(root, name, args.grid, parent.info.run_id)

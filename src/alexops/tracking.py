@@ -174,7 +174,7 @@ def use_experiment(mlflow, params: Params, root: Path) -> str:
                 ) from exc
     if _local_store(tracking_uri(root)):
         check_artifact_location(mlflow, found)
-    mlflow.set_experiment(experiment_id=found.experiment_id)
+    # not mlflow.set_experiment: it exports MLFLOW_EXPERIMENT_ID to every later process and run
     return found.experiment_id
 
 
@@ -229,7 +229,8 @@ def new_run(params: Params, paths: Paths, run_id: str | None = None) -> Iterator
         print(f"train: MLflow run {run_id} of the checkpoint is not in this store; opening a new run")
         run_id = None
     name = f"{params.base.dataset}-{params.train.image_size}px-w{params.train.width:g}-e{params.train.epochs}"
-    with recorded_run(mlflow, "train", run_id=run_id, run_name=None if run_id else name) as run:
+    where = {"run_id": run_id} if run_id else {"experiment_id": experiment_id, "run_name": name}
+    with recorded_run(mlflow, "train", **where) as run:
         if run_id is None:
             mlflow.log_params(params.as_flat_dict())
             record_lineage(mlflow, paths)
