@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 MIRROR := /usr/share/datasets/fashion-mnist
 
-.PHONY: install mirror run flow sweep test lint format bench bench-gpu mlflow-ui mlflow-server clean \
+.PHONY: install mirror run flow sweep test test-all lint format bench bench-gpu mlflow-ui mlflow-server clean \
 	prefect-server deploy push pull serve bench-serve stack stack-down stack-install bench-tracking bench-capture bench-recipe bench-prepare
 
 install: $(STAMP)
@@ -75,6 +75,10 @@ pull: install
 TEST_WORKERS ?= 4
 test: install stack-install
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadfile
+
+# everything, the long end-to-end runs marked slow included
+test-all: install stack-install
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadfile -m "slow or not slow"
 
 lint: install
 	$(BIN)/ruff check src tests pipeline benchmarks stack

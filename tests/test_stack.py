@@ -83,7 +83,7 @@ def team(stack, tmp_path_factory, tiny_mirror) -> Team:
     root = base / "ws"
     root.mkdir()
     shutil.copy(REPO / "dvc.yaml", root / "dvc.yaml")
-    for code in ("src", "pipeline"):
+    for code in ("src", "pipeline", "datasets"):  # fetch depends on datasets/ (declared datasets)
         shutil.copytree(REPO / code, root / code, ignore=shutil.ignore_patterns("__pycache__"))
     shutil.copy(REPO / "prefect.yaml", root / "prefect.yaml")
     (root / "params.yaml").write_text(yaml.safe_dump(tiny_params(*tiny_mirror, epochs=EPOCHS)))
@@ -187,7 +187,13 @@ def trained(stack, team) -> dict:
             cwd=team.root, env=team.env, stdout=out, stderr=subprocess.STDOUT,
         )  # fmt: skip
     try:
-        run_id = wait_for(lambda: first_training_run(stack), "epoch 1's metrics in PostgreSQL")
+
+        def first_epoch() -> str | None:
+            if repro.poll() is not None:  # ended before training logged anything: say why at once
+                raise AssertionError(f"dvc repro exited with {repro.returncode}:\n{log.read_text()[-3000:]}")
+            return first_training_run(stack)
+
+        run_id = wait_for(first_epoch, "epoch 1's metrics in PostgreSQL")
         stack.stop("mlflow")
         logged_at_stop = metric_steps(stack, run_id)
         training_at_stop = repro.poll() is None
@@ -530,6 +536,7 @@ def test_four_parallel_experiments_on_the_server_all_complete_and_the_best_is_ch
     assert accuracy[champion[0]] == max(accuracy.values())
 
 
+@pytest.mark.slow  # four more pipelines: `make test-all`
 def test_four_parallel_experiments_on_embedded_sqlite_work_or_say_to_use_the_server(stack, team, registered):
     # a clone of its own (its own DVC queue and workers), with MLflow's embedded default store
     clone = team.base / "sqlite-clone"
