@@ -268,24 +268,30 @@ def channel_statistics(images: np.ndarray, rows: np.ndarray) -> dict:
     """Mean, std and covariance eigen-decomposition of the pixel values, scaled to [0, 1], of
     `images[rows]` ((N, C, H, W) uint8), read in chunks: memory stays flat however large N is.
 
-    Two passes in float64, as a two-pass covariance is exact to rounding: the mean, then the
-    centred cross-products. PCA lighting (paper §4.1) uses the eigen-decomposition.
+    One pass collects each channel's sum and the channels' cross-product sums exactly (integer
+    pixel values, exact in float64 within a chunk, then Python integers), so the covariance
+    `(n·Σxy − Σx·Σy) / (n(n−1))` has no rounding but the last division. PCA lighting
+    (paper §4.1) uses the eigen-decomposition.
     """
     channels = images.shape[1]
     per_chunk = max(1, CHUNK_BYTES // (8 * max(1, int(np.prod(images.shape[1:])))))  # 8: float64
     rows = np.sort(np.asarray(rows, dtype=np.int64))
-    count = len(rows) * int(np.prod(images.shape[2:]))
-    if count == 0:
+    n = len(rows) * int(np.prod(images.shape[2:]))
+    if n == 0:
         raise AlexopsError("prepare: no training images are left. Fix: check the dataset's source.")
-    total = np.zeros(channels)
+    sums = [0] * channels
+    products = [[0] * channels for _ in range(channels)]
     for chunk in _chunks(images, rows, per_chunk):
-        total += chunk.sum(axis=1)
-    mean = total / count
-    cross = np.zeros((channels, channels))
-    for chunk in _chunks(images, rows, per_chunk):
-        centred = chunk - mean[:, None]
-        cross += centred @ centred.T
-    covariance = cross / max(count - 1, 1)
+        chunk_sums, gram = chunk.sum(axis=1), chunk @ chunk.T
+        for c in range(channels):
+            sums[c] += int(chunk_sums[c])
+            for d in range(channels):
+                products[c][d] += int(gram[c, d])
+    mean = np.array([total / n for total in sums]) / 255
+    covariance = np.array(
+        [[(n * products[c][d] - sums[c] * sums[d]) / (n * max(n - 1, 1)) for d in range(channels)]
+         for c in range(channels)]
+    ) / 255**2  # fmt: skip
     eigval, eigvec = np.linalg.eigh(covariance)
     return {
         "mean": mean.tolist(),
@@ -296,7 +302,7 @@ def channel_statistics(images: np.ndarray, rows: np.ndarray) -> dict:
 
 
 def _chunks(images: np.ndarray, rows: np.ndarray, per_chunk: int):
-    """(C, pixels) float64 in [0, 1] for each chunk of rows."""
+    """(C, pixels) float64 holding the integer pixel values (0-255) of each chunk of rows."""
     for start in range(0, len(rows), per_chunk):
-        block = np.asarray(images[rows[start : start + per_chunk]], dtype=np.float64) / 255
-        yield block.transpose(1, 0, 2, 3).reshape(images.shape[1], -1)
+        block = np.asarray(images[rows[start : start + per_chunk]])
+        yield block.transpose(1, 0, 2, 3).reshape(images.shape[1], -1).astype(np.float64)
