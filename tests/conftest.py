@@ -27,8 +27,9 @@ VENV_BIN = str(Path(sys.executable).parent)
 # The longest test files first (measured: minutes each), so that `make test`'s workers
 # (pytest-xdist, one file per worker) start them together rather than end on one of them alone.
 LONGEST_FIRST = (
-    "test_stack.py", "test_flow.py", "test_faults.py", "test_experiments.py", "test_pipeline.py",
-    "test_runs.py", "test_folder_pipeline.py", "test_serve.py", "test_train.py", "test_protocols.py",
+    "test_stack.py", "test_faults.py", "test_flow.py", "test_experiments.py", "test_pipeline.py",
+    "test_faults_tracking.py", "test_train.py", "test_runs.py", "test_folder_pipeline.py", "test_serve.py",
+    "test_protocols.py",
 )  # fmt: skip
 
 
