@@ -28,10 +28,10 @@ PRESETS: dict[str, dict[str, object]] = {
         "base.device": "cuda",
     },
     # the paper-size network (227 px, width 1.0, the paper's SGD, batch 128, weight decay and
-    # augmentation) with what the 2-core CPU work proved (README, "What bought what"): He init
-    # and a one-cycle schedule instead of N(0, 0.01) and plateaus (out of the initial plateau in
-    # one epoch, not tens), label smoothing, random erasing and a weight average; bf16 where the
-    # hardware has it. Any device: `base.device` stays as params.yaml has it (auto).
+    # augmentation) with the CPU defaults' He init and one-cycle schedule instead of N(0, 0.01)
+    # and plateaus (out of the initial plateau in one epoch, not tens), plus label smoothing,
+    # random erasing and a weight average, whose effects are not measured yet (README, "What
+    # bought what"); bf16 where the hardware has it. `base.device` stays as params.yaml has it.
     "paper": {
         "train.image_size": 227,
         "train.width": 1.0,
