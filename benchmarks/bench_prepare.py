@@ -215,18 +215,15 @@ def write_png_folders(folder: Path) -> None:
     (folder / ".complete").write_text("done")
 
 
+def stage_command(project: Path, name: str) -> list[str]:
+    """`alexops <name>` on a project root, as DVC would run it there."""
+    root = ["--root", str(project), "--params", str(project / "params.yaml")]
+    return [sys.executable, "-m", "alexops.cli", *root, name]
+
+
 def stage(project: Path, name: str, env: dict) -> float:
     started = time.perf_counter()
-    command = [
-        sys.executable,
-        "-m",
-        "alexops.cli",
-        "--root",
-        str(project),
-        "--params",
-        str(project / "params.yaml"),
-    ]
-    subprocess.run([*command, name], check=True, env=env)
+    subprocess.run(stage_command(project, name), check=True, env=env)
     return time.perf_counter() - started
 
 
@@ -334,17 +331,8 @@ class MemorySampler:
 
 
 def measured_stage(project: Path, name: str, env: dict) -> dict:
-    command = [
-        sys.executable,
-        "-m",
-        "alexops.cli",
-        "--root",
-        str(project),
-        "--params",
-        str(project / "params.yaml"),
-    ]
     started = time.perf_counter()
-    process = subprocess.Popen([*command, name], env=env)
+    process = subprocess.Popen(stage_command(project, name), env=env)
     sampler = MemorySampler(process.pid)
     code = process.wait()
     memory = sampler.done()

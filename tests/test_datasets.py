@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import stage_command
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from imagesets import (
@@ -466,7 +467,6 @@ def test_a_full_disk_while_decoding_is_one_clear_error_and_leaves_no_temp_file(t
     import resource
     import signal
     import subprocess
-    import sys
 
     import yaml
 
@@ -476,22 +476,13 @@ def test_a_full_disk_while_decoding_is_one_clear_error_and_leaves_no_temp_file(t
     root.mkdir()
     (root / "params.yaml").write_text(yaml.safe_dump({"base": {"dataset": "shapes"},
         "datasets": {"shapes": {"source": str(source)}}, "prepare": {"image_size": 100}}))  # fmt: skip
-    command = [
-        sys.executable,
-        "-m",
-        "alexops.cli",
-        "--root",
-        str(root),
-        "--params",
-        str(root / "params.yaml"),
-    ]
-    subprocess.run([*command, "fetch"], check=True, capture_output=True)
+    subprocess.run(stage_command(root, "fetch"), check=True, capture_output=True)
 
     def limit():  # a "full disk": writes past 64 KiB fail with EFBIG
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
         resource.setrlimit(resource.RLIMIT_FSIZE, (64 * 1024, 64 * 1024))
 
-    done = subprocess.run([*command, "prepare"], capture_output=True, text=True, preexec_fn=limit)
+    done = subprocess.run(stage_command(root, "prepare"), capture_output=True, text=True, preexec_fn=limit)
     assert done.returncode == 2, done.stderr
     assert "cannot write" in done.stderr and "disk space" in done.stderr and "Traceback" not in done.stderr
     assert not [p for p in (root / "data" / "prepared").rglob("*") if p.is_file()]

@@ -197,8 +197,7 @@ def check_inputs(paths: Paths) -> None:
 
 
 def quantize_stage(params: Params, paths: Paths) -> dict:
-    """Quantise, check the accuracy drop, write model.int8.onnx and quantize.json."""
-    check_inputs(paths)
+    """Quantise, check the accuracy drop, write model.int8.onnx and quantize.json (after `check_inputs`)."""
     fp32_bytes = paths.onnx.read_bytes()
     fp32_model = inference.load_model(fp32_bytes, name="fp32", version=None, uri=str(paths.onnx))
     train_images, _ = load_split(paths.prepared / "train.pt")
