@@ -65,6 +65,7 @@ SERVICES = ("postgres", "s3", "mlflow", "prefect")  # start order; stop is the r
 # so it gets 5 s.
 STOP_GRACE_S = {"s3": 5.0, "mlflow": 15.0, "prefect": 15.0}
 START_TIMEOUT_S = 240.0  # first starts migrate empty databases: ~30 s each on 2 busy cores
+BUSY_PATIENCE_S = 30.0  # how long a live server may take to answer before it counts as hung
 
 
 class StackError(Exception):
@@ -265,17 +266,32 @@ class Stack:
         return {service: self.healthy(service) for service in SERVICES}
 
     def healthy(self, service: str) -> bool:
+        """The service's process lives and answers. A live process gets BUSY_PATIENCE_S to
+        answer: on a loaded machine a server can take seconds, and restarting it would cut off
+        the runs using it."""
         if not self.config_file.exists():
             return False
+        alive = self._postgres_running if service == "postgres" else self._pid_alive(service)
+        return self._answers_within(service, alive)
+
+    def _answers_within(self, service: str, alive: Callable[[], bool]) -> bool:
+        deadline = time.monotonic() + BUSY_PATIENCE_S
+        while alive():
+            if self._answers(service):
+                return True
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(0.5)
+        return False
+
+    def _answers(self, service: str) -> bool:
         if service == "postgres":
-            return self._postgres_running() and self._postgres_accepts()
-        if self._pid(service) is None:
-            return False
+            return self._postgres_accepts()
         if service == "s3":
             return self._s3_answers()
         if service == "mlflow":
-            return http_ok(f"{self.url('mlflow')}/health")
-        return http_ok(f"{self.url('prefect')}/api/health")
+            return http_ok(f"{self.url('mlflow')}/health", timeout=5)
+        return http_ok(f"{self.url('prefect')}/api/health", timeout=5)
 
     def start(self, service: str) -> None:
         {"postgres": self._start_postgres, "s3": self._start_s3, "mlflow": self._start_mlflow,

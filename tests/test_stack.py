@@ -22,6 +22,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.request
 from dataclasses import dataclass
@@ -149,6 +150,10 @@ def quick_failure(env: dict) -> dict:
 def test_make_stack_is_idempotent_on_loopback_and_s3_keeps_objects_across_a_restart(stack):
     pids = {service: stack._pid(service) for service in ("s3", "mlflow", "prefect")}
     said: list[str] = []
+    # a server too busy to answer for a while (SIGSTOP: longer than one health request may take)
+    # is running, not down: restarting it would cut off the runs using it
+    os.killpg(pids["mlflow"], signal.SIGSTOP)
+    threading.Timer(8.0, os.killpg, (pids["mlflow"], signal.SIGCONT)).start()
     stack.up(log=said.append)  # a second `make stack`
     assert said == [f"stack: {s} already running on 127.0.0.1:{stack.ports[s]}" for s in stack.status()]
     assert {service: stack._pid(service) for service in pids} == pids
