@@ -216,13 +216,19 @@ def test_a_stale_alias_write_is_corrected_by_the_next_settle(tmp_path):
     assert str(client.get_model_version_by_alias("m", register.CHAMPION).version) == "1"
 
 
-def test_sigterm_to_dvc_alone_stops_its_stage_too(workspace, ws_env):
+@pytest.mark.parametrize("shell", ["/bin/bash", "/bin/sh"])
+def test_sigterm_to_dvc_alone_stops_its_stage_too(workspace, ws_env, shell, tmp_path):
     """`docker stop`, Kubernetes and systemd's main-process mode signal dvc only, which dies without
-    passing it on; the stage asked to get SIGTERM when its parent dies, so it ends its run KILLED."""
+    passing it on; the stage watches DVC and stops itself, so it ends its run KILLED. DVC runs a
+    stage with $SHELL (/bin/sh when unset): bash execs the stage (DVC is its parent), dash forks
+    it (DVC is its grandparent)."""
     set_train(workspace, epochs=500)  # far more than the seconds it takes the signal to arrive
     checkpoint = workspace / "artifacts" / DATASET / "checkpoint.pt"
-    dvc = subprocess.Popen([f"{Path(ws_env['PATH'].split(os.pathsep)[0])}/dvc", "repro"], cwd=workspace,
-                           env=ws_env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    log = tmp_path / "dvc.log"
+    dvc_bin = Path(ws_env["PATH"].split(os.pathsep)[0]) / "dvc"
+    with open(log, "wb") as output:
+        dvc = subprocess.Popen([dvc_bin, "repro"], cwd=workspace, env=ws_env | {"SHELL": shell},
+                               stdout=output, stderr=subprocess.STDOUT)  # fmt: skip
     deadline = time.monotonic() + 300
     while not checkpoint.exists() and dvc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.05)
@@ -231,7 +237,7 @@ def test_sigterm_to_dvc_alone_stops_its_stage_too(workspace, ws_env):
     deadline = time.monotonic() + 60
     while _stage_processes(workspace) and time.monotonic() < deadline:
         time.sleep(0.2)
-    assert not _stage_processes(workspace)  # no orphan left training
+    assert not _stage_processes(workspace), log.read_text()[-3000:]  # no orphan left training
     run_id = files.read_json(workspace / "artifacts" / DATASET / "mlflow_run.json", "train")["run_id"]
     stopped = client_for(ws_env["MLFLOW_TRACKING_URI"]).get_run(run_id)
     assert stopped.info.status == "KILLED" and stopped.data.tags["failure.reason"] == "stopped by SIGTERM"

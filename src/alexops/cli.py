@@ -10,8 +10,8 @@ Two things happen before a stage starts:
   cancel) and SIGHUP raise `Interrupted` like Ctrl-C does, so the stage unwinds: its MLflow run
   ends KILLED, locks are released, child processes stop, checkpoints written so far stay. A
   second Ctrl-C ends the process at once (`kill -9` always does). DVC does not pass SIGTERM on
-  to the stage it runs (it dies and leaves the stage running), so on Linux a stage whose parent
-  is DVC asks the kernel for SIGTERM when that parent dies (prctl PR_SET_PDEATHSIG).
+  to the stage it runs (it dies and leaves the stage running), so on Linux a stage run by DVC
+  watches that DVC process and sends itself SIGTERM when it exits (`stop_with_dvc`).
 
 Exit codes: 0 done; 2 an error the user can fix (retrying will fail the same way); 75
 (EX_TEMPFAIL) an error that may pass by itself (a network, a server); 128 + N killed by signal N.
@@ -20,12 +20,13 @@ Exit codes: 0 done; 2 an error the user can fix (retrying will fail the same way
 from __future__ import annotations
 
 import argparse
-import ctypes
 import importlib
 import multiprocessing
 import os
+import select
 import signal
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -38,6 +39,7 @@ EXIT_USER_ERROR = 2
 EXIT_TRANSIENT = 75  # sysexits.h EX_TEMPFAIL: try again later
 REEXEC_ENV = "ALEXOPS_SOURCE"  # the src/ a re-executed process was started for (no second re-exec)
 GRACEFUL_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+SHELLS = {"sh", "dash", "bash", "zsh", "fish", "ksh", "mksh"}  # what DVC may run a stage's cmd with
 
 
 class Interrupted(KeyboardInterrupt):
@@ -108,23 +110,52 @@ def handle_signals() -> None:
 
 
 def stop_with_dvc() -> None:
-    """Linux: get SIGTERM when the parent process, if it is DVC, dies."""
-    parent = os.getppid()
-    try:
-        if b"dvc" not in Path(f"/proc/{parent}/cmdline").read_bytes():
-            return
-        libc = ctypes.CDLL(None, use_errno=True)
-    except OSError:  # no /proc, no libc: not Linux
+    """Linux: get SIGTERM when the DVC running this stage dies.
+
+    DVC runs a stage as `$SHELL -c <cmd>`. bash executes a lone command in its own process, so
+    DVC is the parent; dash (/bin/sh on Debian, DVC's shell when SHELL is unset, as under
+    systemd, cron or CI) forks it, so DVC is the grandparent. Either way a thread waits on a
+    pidfd of that DVC process (Linux >= 5.3) and signals this process when DVC exits."""
+    dvc = _dvc_running_this()
+    if dvc is None:
         return
-    pr_set_pdeathsig = 1  # <linux/prctl.h>
-    libc.prctl(pr_set_pdeathsig, signal.SIGTERM, 0, 0, 0)
-    if os.getppid() != parent:  # DVC died before the request took effect
+    try:
+        pidfd = os.pidfd_open(dvc)
+    except ProcessLookupError:
+        pidfd = None
+    except (AttributeError, OSError):  # not Linux 5.3+
+        return
+    if pidfd is None or _dvc_running_this() != dvc:  # DVC died (its pid may be reused) meanwhile
         os.kill(os.getpid(), signal.SIGTERM)
+        return
+    threading.Thread(target=_signal_when_readable, args=(pidfd,), name="dvc-watch", daemon=True).start()
+
+
+def _dvc_running_this() -> int | None:
+    """DVC's pid when DVC started this process, directly or through a `<shell> -c`."""
+    pid = os.getppid()
+    for _ in range(2):
+        try:
+            argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+            parent = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):  # no /proc: not Linux
+            return None
+        if any(Path(arg.decode(errors="replace")).name == "dvc" for arg in argv[:3]):
+            return pid
+        if Path(argv[0].decode(errors="replace")).name not in SHELLS or b"-c" not in argv:
+            return None
+        pid = parent
+    return None
+
+
+def _signal_when_readable(pidfd: int) -> None:
+    select.select([pidfd], [], [])  # a pidfd turns readable when its process exits
+    os.kill(os.getpid(), signal.SIGTERM)
 
 
 def _interrupt(number: int, frame) -> None:
     # Unwinding takes a moment. A second Ctrl-C ends it at once; a repeated SIGTERM or SIGHUP does
-    # not: the kernel sends the parent-death signal again as each thread of a dying DVC exits.
+    # not: a stop that signals the whole process group and DVC's death each deliver one.
     signal.signal(signal.SIGINT, signal.SIG_DFL)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
