@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import http.server
 import json
+import re
 import threading
 from pathlib import Path
 
@@ -476,7 +477,10 @@ def test_a_full_disk_while_decoding_is_one_clear_error_and_leaves_no_temp_file(t
     root.mkdir()
     (root / "params.yaml").write_text(yaml.safe_dump({"base": {"dataset": "shapes"},
         "datasets": {"shapes": {"source": str(source)}}, "prepare": {"image_size": 100}}))  # fmt: skip
-    subprocess.run(stage_command(root, "fetch"), check=True, capture_output=True)
+    (source / ".DS_Store").write_bytes(b"Finder's")  # hidden: neither read nor counted
+    fetched = subprocess.run(stage_command(root, "fetch"), check=True, capture_output=True, text=True)
+    count = int(re.search(r"(\d+) files\)", fetched.stdout)[1])
+    assert count == 30 and f"| {count}/{count} [" in fetched.stderr  # the bar counts files, not folders
 
     def limit():  # a "full disk": writes past 64 KiB fail with EFBIG
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)

@@ -292,3 +292,15 @@ def test_capture_recipes_travel_as_json():
     for spec in datasets.SPECS.values():
         assert images.Capture.from_dict(spec.capture.as_dict()) == spec.capture
     assert images.Capture.from_dict(FASHION.as_dict() | {"added_later": 1}) == FASHION
+
+
+@pytest.mark.parametrize(
+    "recipe",
+    [datasets.FASHION_MNIST.capture, datasets.CIFAR10.capture,
+     images.Capture(kind="photo", background=(255, 255, 255), source="a folder", size=64, steps=("square",))],
+)  # fmt: skip
+def test_a_capture_recipe_says_only_the_steps_it_takes_and_reads_back_whole(recipe):
+    said = recipe.as_dict()
+    catalogue_steps = {"backdrop", "trim_fuzz", "sharpen_sigma", "negate"}
+    assert said.keys() >= catalogue_steps if recipe.kind == "catalogue" else not said.keys() & catalogue_steps
+    assert images.Capture.from_dict(said) == recipe

@@ -306,15 +306,14 @@ def folder_digests(location: Path, members: list[folders.Member], copy_to: Path 
     each into `copy_to` when given; a file that cannot be read is left for prepare to report."""
     from tqdm import tqdm
 
+    kept = [member for member in members if not folders.hidden(member.name) and not member.problem]
+    file_members = [member for member in kept if not member.name.endswith("/")]
+    if copy_to is not None:  # folders are kept in the copy, an empty class folder too
+        for folder in (member for member in kept if member.name.endswith("/")):
+            (copy_to / folder.name).mkdir(parents=True, exist_ok=True)
+    action = "read" if copy_to is None else "copy"
     digests = []
-    for member in tqdm(members, desc="fetch: read files" if copy_to is None else "fetch: copy files",
-                       unit="file", mininterval=1.0):  # fmt: skip
-        if folders.hidden(member.name) or member.problem:
-            continue
-        if member.name.endswith("/"):  # a folder: kept in the copy, an empty class folder too
-            if copy_to is not None:
-                (copy_to / member.name).mkdir(parents=True, exist_ok=True)
-            continue
+    for member in tqdm(file_members, desc=f"fetch: {action} files", unit="file", mininterval=1.0):
         try:
             data = Path(member.ref).read_bytes()
         except OSError:

@@ -361,6 +361,9 @@ def _colour(value: Sequence[int] | int, channels: int) -> np.ndarray:
 # ---- the capture recipe ---------------------------------------------------------------------
 
 
+CATALOGUE_ONLY = ("backdrop", "trim_fuzz", "sharpen_sigma", "negate")
+
+
 @dataclass(frozen=True)
 class Capture:
     """How a dataset's images were made from photographs: its capture recipe.
@@ -391,7 +394,12 @@ class Capture:
     steps: tuple[str, ...] = field(default=())
 
     def as_dict(self) -> dict:
-        return asdict(self)
+        """The recipe's fields; a photo recipe's without the catalogue steps it does not take."""
+        fields = asdict(self)
+        if self.kind != "catalogue":
+            for key in CATALOGUE_ONLY:
+                del fields[key]
+        return fields
 
     @classmethod
     def from_dict(cls, d: dict) -> Capture:
