@@ -16,6 +16,7 @@ version.
 from __future__ import annotations
 
 import hashlib
+import logging
 
 import numpy as np
 import onnx
@@ -146,16 +147,27 @@ def decide_version(
 def register_version(mlflow, proto: onnx.ModelProto, name: str, tags: dict[str, str]) -> str:
     """Log the ONNX model to the active run and register it as a new version, its gate's tags
     written with the version (a version never exists without them)."""
-    info = mlflow.onnx.log_model(
-        proto,
-        name="model",
-        input_example=example_input(proto),
-        signature=signature(proto),
-        metadata={"accuracy": tags["accuracy"]},
-        # the flavor's own pins; inferring them imports the model in a subprocess: 6-13 s a register
-        pip_requirements=mlflow.onnx.get_default_pip_requirements(),
-    )
+    # The MLmodel lists CUDA before the CPU, so `mlflow models serve` uses a GPU where it has one;
+    # that this host has none, as MLflow says when it checks the input example, is not news here.
+    onnx_logger = logging.getLogger("mlflow.onnx")
+    onnx_logger.addFilter(_no_missing_provider_warning)
+    try:
+        info = mlflow.onnx.log_model(
+            proto,
+            name="model",
+            input_example=example_input(proto),
+            signature=signature(proto),
+            metadata={"accuracy": tags["accuracy"]},
+            # the flavor's own pins; inferring them imports the model in a subprocess: 6-13 s
+            pip_requirements=mlflow.onnx.get_default_pip_requirements(),
+        )
+    finally:
+        onnx_logger.removeFilter(_no_missing_provider_warning)
     return str(mlflow.register_model(info.model_uri, name, tags=tags).version)
+
+
+def _no_missing_provider_warning(record: logging.LogRecord) -> bool:
+    return not record.getMessage().startswith("ONNX model declares execution providers")
 
 
 def identical_version(client, name: str, digest: str):
