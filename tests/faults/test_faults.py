@@ -10,11 +10,8 @@ import json
 import os
 import resource
 import signal
-import socket
 import subprocess
-import sys
 import time
-import urllib.request
 from pathlib import Path
 
 import mlflow
@@ -163,41 +160,15 @@ def test_no_working_mirror_is_one_error_listing_every_attempt(workspace, ws_env)
     )
 
 
-# 4. concurrency -------------------------------------------------------------------------
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def start_mlflow_server(store: Path, port: int) -> subprocess.Popen:
-    server = subprocess.Popen(
-        [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
-         "--backend-store-uri", f"sqlite:///{store}/mlflow.db", "--artifacts-destination",
-         str(store / "artifacts"), "--workers", "1"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
-    )  # fmt: skip
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        try:
-            urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2)
-            return server
-        except OSError:
-            time.sleep(0.5)
-    os.killpg(server.pid, signal.SIGKILL)
-    raise AssertionError("mlflow server did not start")
-
-
-def stop(server: subprocess.Popen) -> None:
-    os.killpg(server.pid, signal.SIGKILL)
-    server.wait()
+# a stage run by hand against a tracking URI (also used by test_faults_tracking.py) ------
 
 
 def alexops(root: Path, stage: str, uri: str) -> subprocess.CompletedProcess:
     env = dict(os.environ, MLFLOW_TRACKING_URI=uri)
     return subprocess.run(stage_command(root, stage), capture_output=True, text=True, env=env)
+
+
+# 7. security ----------------------------------------------------------------------------
 
 
 class _Payload:

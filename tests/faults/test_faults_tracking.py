@@ -6,11 +6,19 @@ workers share the long runs).
 
 from __future__ import annotations
 
+import os
+import signal
+import socket
 import subprocess
+import sys
 import time
+import urllib.request
+from pathlib import Path
 
 from conftest import run
-from test_faults import DATASET, DVC, alexops, champion_version, free_port, start_mlflow_server, stop
+from test_faults import DATASET, DVC, alexops, champion_version
+
+# 4. concurrency -------------------------------------------------------------------------
 
 
 def test_two_pipeline_runs_at_once_one_waits_or_stops_clearly(workspace, ws_env):
@@ -30,6 +38,35 @@ def test_two_pipeline_runs_at_once_one_waits_or_stops_clearly(workspace, ws_env)
 
 
 # 5. tracking server down ----------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_mlflow_server(store: Path, port: int) -> subprocess.Popen:
+    server = subprocess.Popen(
+        [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
+         "--backend-store-uri", f"sqlite:///{store}/mlflow.db", "--artifacts-destination",
+         str(store / "artifacts"), "--workers", "1"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+    )  # fmt: skip
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        try:
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2)
+            return server
+        except OSError:
+            time.sleep(0.5)
+    os.killpg(server.pid, signal.SIGKILL)
+    raise AssertionError("mlflow server did not start")
+
+
+def stop(server: subprocess.Popen) -> None:
+    os.killpg(server.pid, signal.SIGKILL)
+    server.wait()
 
 
 def test_tracking_server_down_at_start_stops_train_before_any_work(prepared):
@@ -60,6 +97,3 @@ def test_tracking_server_lost_before_register_loses_nothing_and_register_reruns_
         assert champion_version({"MLFLOW_TRACKING_URI": uri}) == "1"
     finally:
         stop(server)
-
-
-# 7. security ----------------------------------------------------------------------------
