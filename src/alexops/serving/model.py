@@ -294,8 +294,10 @@ class ModelSource:
             )
         latest = versions[-1]
         decision = latest.tags.get("decision", "no decision recorded")
+        first = versions[0].version
+        held = f"versions {first}-{latest.version}" if len(versions) > 1 else f"version {first}"
         return AlexopsError(
-            f"{self.ref.uri}: {self.ref.name} has versions {versions[0].version}-{latest.version} but "
+            f"{self.ref.uri}: {self.ref.name} has {held} but "
             f"none is @{self.ref.alias} (version {latest.version}: {decision}). Fix: serve one anyway with "
             f"--model-uri models:/{self.ref.name}/{latest.version}, or train a better model (a lower "
             "register.min_accuracy lets the next register promote it)."
