@@ -28,11 +28,18 @@ def test_random_crops_pick_real_windows_and_mirror_about_half():
 
 @pytest.mark.parametrize(
     "height, width, resize, size",
-    [(28, 28, 113, 99), (32, 32, 37, 32), (40, 40, 30, 24), (64, 64, 20, 16), (28, 36, 40, 32)],
+    [
+        (28, 28, 113, 99),
+        (32, 32, 37, 32),
+        (40, 40, 30, 24),
+        (64, 64, 20, 16),
+        (28, 36, 40, 32),
+        (40, 40, 40, 32),
+    ],
 )
 def test_random_crops_equal_cropping_the_resized_image(height, width, resize, size):
-    """Up- and down-sizing (by more than 2× too) and non-square images: the matrix products
-    give what resizing, then cropping gives."""
+    """Up- and down-sizing (by more than 2× too), non-square images, and images already at the
+    resize size (cut as windows): what resizing, then cropping gives."""
     images = torch.randint(0, 256, (64, 3, height, width), dtype=torch.uint8)
     crops = augment.random_crops(images.float() / 255, resize, size, True, torch.Generator().manual_seed(1))
     generator = torch.Generator().manual_seed(1)  # the same draws: top, left, then mirrors
@@ -43,6 +50,29 @@ def test_random_crops_equal_cropping_the_resized_image(height, width, resize, si
         window = full[i, :, top[i] : top[i] + size, left[i] : left[i] + size]
         expected = window.flip(-1) if mirrored[i] else window
         assert torch.allclose(crops[i], expected, atol=1e-5)
+
+
+def test_windows_of_a_cache_at_the_resize_size_are_the_resampling_path_bit_for_bit():
+    """A folder cache is made at the resize size: its crops are cut out, in uint8, with the same
+    draws; they must equal the matrix products' result exactly, and so must the training batch."""
+    images = torch.randint(0, 256, (32, 3, 40, 40), dtype=torch.uint8)
+    cut = augment.random_crops(images, 40, 32, True, torch.Generator().manual_seed(2))
+    assert cut.dtype == torch.uint8
+    generator = torch.Generator().manual_seed(2)
+    top, left = (torch.randint(0, 9, (32,), generator=generator) for _ in range(2))
+    mirrored = torch.rand(32, generator=generator) < 0.5
+    steps = torch.arange(32)
+    cols = torch.where(mirrored[:, None], (left[:, None] + steps).flip(-1), left[:, None] + steps)
+    identity = augment.interpolation_matrix(40, 40, torch.float32, images.device)
+    products = identity[top[:, None] + steps][:, None] @ (images.float() / 255) @ identity[cols][:, None].mT
+    assert torch.equal(cut.float() / 255, products)
+    recipe = augment.Recipe(32, 40, (0.5, 0.4, 0.3), (0.25, 0.2, 0.3))
+    lighting = augment.Lighting(torch.tensor([0.3, 0.2, 0.1]), torch.eye(3), 0.1)
+    batch = augment.train_batch(images, recipe, lighting, True, torch.Generator().manual_seed(2))
+    generator = torch.Generator().manual_seed(2)
+    x = augment.random_crops(images.float() / 255, 40, 32, True, generator)
+    expected = augment.normalised(augment.pca_lighting(x, lighting, generator), recipe)
+    assert torch.allclose(batch, expected, atol=1e-5)  # fused: the rounding differs
 
 
 def test_pca_lighting_shifts_each_image_along_the_eigenvectors():

@@ -72,15 +72,26 @@ def random_crops(
     small matrix products per image, `rows · x · colsᵀ`, with `rows` and `cols` the crop's
     rows of the resizing matrix (`cols` reversed to mirror). The resized image is never
     built: about 4× faster than resizing the batch and gathering windows on a 2-core CPU.
+    Images already resize×resize (a folder dataset's cache is made at that size) need no
+    resampling: their windows are cut out as they are, in any dtype (uint8 moves 4× fewer
+    bytes than float), the same values the products would give without their cost (0.3 s
+    of a 5 s step at the paper's 227 px on the CPU).
     """
     n, _, h, w = x.shape
     dev = x.device
     top = torch.randint(0, resize - size + 1, (n,), device=dev, generator=generator)
     left = torch.randint(0, resize - size + 1, (n,), device=dev, generator=generator)
+    mirrored = torch.rand(n, device=dev, generator=generator) < 0.5 if flip else None
+    if h == w == resize:
+        windows = x.unfold(2, size, 1).unfold(3, size, 1)[torch.arange(n, device=dev), :, top, left]
+        return (
+            windows
+            if mirrored is None
+            else torch.where(mirrored[:, None, None, None], windows.flip(-1), windows)
+        )
     steps = torch.arange(size, device=dev)
     row_index, col_index = top[:, None] + steps, left[:, None] + steps  # (N, size)
-    if flip:
-        mirrored = torch.rand(n, device=dev, generator=generator) < 0.5
+    if mirrored is not None:
         col_index = torch.where(mirrored[:, None], col_index.flip(-1), col_index)
     rows = interpolation_matrix(resize, h, x.dtype, dev)[row_index]  # (N, size, H)
     cols = interpolation_matrix(resize, w, x.dtype, dev)[col_index]  # (N, size, W)
@@ -123,9 +134,14 @@ def train_batch(
 ) -> torch.Tensor:
     """uint8 batch on the device → augmented, normalised float batch: random erasing (with
     probability `erasing` per image), random crop and mirror, PCA lighting, normalisation."""
-    # erased at the stored size (28×28 for Fashion-MNIST): 12× fewer pixels than after resizing
-    x = random_erasing(images.float().div_(255), erasing, generator)
-    x = random_crops(x, recipe.resize, recipe.image_size, flip, generator)
+    if images.shape[-2:] == (recipe.resize, recipe.resize):  # a cache made at the resize size
+        # no resampling: the crops are windows, cut while still uint8; erasing draws on the crop
+        x = random_crops(images, recipe.resize, recipe.image_size, flip, generator).float().div_(255)
+        x = random_erasing(x, erasing, generator)
+    else:
+        # erased at the stored size (28×28 for Fashion-MNIST): 12× fewer pixels than after resizing
+        x = random_erasing(images.float().div_(255), erasing, generator)
+        x = random_crops(x, recipe.resize, recipe.image_size, flip, generator)
     # lighting and normalisation in one pass: (x + shift - mean) / std = x·(1/std) + (shift - mean)/std
     scale = 1 / torch.tensor(recipe.std, device=x.device)
     bias = (lighting_shift(x, lighting, generator) - torch.tensor(recipe.mean, device=x.device)) * scale
