@@ -52,6 +52,15 @@ def fetched_and_prepared(root: Path, loaded: params.Params) -> Paths:
     return paths
 
 
+def assert_statistics_are_the_training_pixels(paths: Paths) -> None:
+    """stats.json's channel statistics, summed from the moments decoding made of each image, are
+    exactly those of the cached training images, read back pixel by pixel."""
+    train_images, _ = prepare.load_split(paths.prepared / "train.pt")
+    stats = json.loads((paths.prepared / "stats.json").read_text())
+    from_pixels = prepare.channel_statistics(torch.as_tensor(np.asarray(train_images[:])))
+    assert {key: stats[key] for key in from_pixels} == from_pixels
+
+
 def report(paths: Paths) -> dict:
     return json.loads(paths.prepare_report.read_text())
 
@@ -294,6 +303,7 @@ def test_skip_leaves_bad_files_out_and_reads_every_good_form(tmp_path, awkward_f
     rotated = mapped[names.index("circle/rotated.jpg")]  # upright again: the circle's red is centred
     assert rotated[0, 32, 32] > 150 and rotated[0, 2, 32] < 80
     assert (mapped[names.index("square/transparent.png")] == 255).all()  # transparency over white
+    assert_statistics_are_the_training_pixels(paths)  # the bad files' rows left out of the sums
     deep = mapped[names.index("square/deep.png")]
     assert np.array_equal(deep[0], deep[1]) and deep.max() > 150  # 16-bit scaled, not clipped to white
 
@@ -329,6 +339,7 @@ def test_a_gray_folder_is_cached_with_one_channel_at_its_own_size_bit_for_bit(tm
     cached = {a.tobytes() for a in torch.cat([train_images, test_images])[:, 0].numpy()}
     assert cached == {a.tobytes() for a in pixels.values()}
     assert len(train_labels) == 12  # 20% of each class of 5 held out: 1
+    assert_statistics_are_the_training_pixels(paths)  # decoded in 3 channels, cached in 1
 
 
 @pytest.mark.parametrize("kind", ["tar", "tar.gz", "zip"])
@@ -411,6 +422,8 @@ def test_decoding_on_a_process_pool_gives_the_same_cache(tmp_path):
     two = fetched_and_prepared(tmp_path / "two", declared(source, prepare_opts={"workers": 2}))
     assert np.array_equal(np.load(one.prepared / "images.npy"), np.load(two.prepared / "images.npy"))
     assert (one.prepared / "train.pt").read_bytes() == (two.prepared / "train.pt").read_bytes()
+    assert (one.prepared / "stats.json").read_bytes() == (two.prepared / "stats.json").read_bytes()
+    assert_statistics_are_the_training_pixels(two)
 
 
 # ---- the cache: memory-mapped, streamed when it does not fit -----------------------------------

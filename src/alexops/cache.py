@@ -264,29 +264,28 @@ def available_ram() -> int:
 # ---- statistics ---------------------------------------------------------------------------------
 
 
-def channel_statistics(images: np.ndarray, rows: np.ndarray) -> dict:
+def channel_statistics(images: np.ndarray, rows: np.ndarray, moments: np.ndarray | None = None) -> dict:
     """Mean, std and covariance eigen-decomposition of the pixel values, scaled to [0, 1], of
     `images[rows]` ((N, C, H, W) uint8), read in chunks: memory stays flat however large N is.
+    `moments`, when given, holds every image's `pixel_moments` ((N, C + C²) int64, computed
+    while decoding): then the rows' moments are summed and no pixel is read again.
 
-    One pass collects each channel's sum and the channels' cross-product sums exactly (integer
-    pixel values, exact in float64 within a chunk, then Python integers), so the covariance
+    The channel sums and cross-product sums are exact (integers), so the covariance
     `(n·Σxy − Σx·Σy) / (n(n−1))` has no rounding but the last division. PCA lighting
     (paper §4.1) uses the eigen-decomposition.
     """
     channels = images.shape[1]
-    per_chunk = max(1, CHUNK_BYTES // (8 * max(1, int(np.prod(images.shape[1:])))))  # 8: float64
     rows = np.sort(np.asarray(rows, dtype=np.int64))
     n = len(rows) * int(np.prod(images.shape[2:]))
     if n == 0:
         raise AlexopsError("prepare: no training images are left. Fix: check the dataset's source.")
-    sums = [0] * channels
-    products = [[0] * channels for _ in range(channels)]
-    for chunk in _chunks(images, rows, per_chunk):
-        chunk_sums, gram = chunk.sum(axis=1), chunk @ chunk.T
-        for c in range(channels):
-            sums[c] += int(chunk_sums[c])
-            for d in range(channels):
-                products[c][d] += int(gram[c, d])
+    if moments is None:
+        per_chunk = max(1, CHUNK_BYTES // (8 * max(1, int(np.prod(images.shape[1:])))))  # 8: float64
+        totals = sum((pixel_moments(chunk) for chunk in _chunks(images, rows, per_chunk)), start=0)
+    else:
+        totals = moments[rows].sum(axis=0)
+    sums = [int(total) for total in totals[:channels]]
+    products = [[int(totals[channels + c * channels + d]) for d in range(channels)] for c in range(channels)]
     mean = np.array([total / n for total in sums]) / 255
     covariance = np.array(
         [[(n * products[c][d] - sums[c] * sums[d]) / (n * max(n - 1, 1)) for d in range(channels)]
@@ -299,6 +298,14 @@ def channel_statistics(images: np.ndarray, rows: np.ndarray) -> dict:
         "eigval": np.maximum(eigval, 0).tolist(),
         "eigvec": eigvec.tolist(),
     }
+
+
+def pixel_moments(pixels: np.ndarray) -> np.ndarray:
+    """(C + C²,) int64: each channel's sum of pixel values, then the channels' cross-product sums
+    (row-major), of uint8 (C, H, W) pixels, or of a float64 (C, pixels) chunk holding integer
+    values. Exact: float64 holds the integer sums of up to 2³⁷ pixels of 255² without rounding."""
+    values = pixels.reshape(pixels.shape[0], -1).astype(np.float64, copy=False)
+    return np.concatenate([values.sum(axis=1), (values @ values.T).ravel()]).astype(np.int64)
 
 
 def _chunks(images: np.ndarray, rows: np.ndarray, per_chunk: int):

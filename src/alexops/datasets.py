@@ -392,6 +392,7 @@ class Decoded:
     source: str
     problems: list[dict]
     notes: list[str]
+    moments: np.ndarray | None = None  # (N, C + C²) `cache.pixel_moments`, when decoding made them
 
 
 class Dataset:

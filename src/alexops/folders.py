@@ -29,7 +29,7 @@ from pathlib import Path, PurePosixPath
 
 import numpy as np
 
-from alexops import images
+from alexops import cache, images
 from alexops.errors import AlexopsError
 
 SPLIT_DIRS = ("train", "test", "val")
@@ -328,13 +328,15 @@ class DecodeSpec:
 @dataclass(frozen=True)
 class Decoded:
     """What decoding one file gave: ok or the reason it is bad, the SHA-256 of its bytes (exact
-    duplicates), whether its pixels are gray (channels auto)."""
+    duplicates), whether its pixels are gray (channels auto), their `cache.pixel_moments`
+    (the channel statistics, summed over the training images by prepare)."""
 
     index: int
     sha256: str
     reason: str = ""
     detail: str = ""
     gray: bool = True
+    moments: np.ndarray | None = None
 
 
 _outputs: dict[str, np.ndarray] = {}
@@ -368,7 +370,7 @@ def decode_chunk(spec: DecodeSpec, source: Source, chunk: list[tuple[int, str, o
             continue
         out[index] = pixels
         gray = channels == 1 or bool((pixels[0] == pixels[1]).all() and (pixels[1] == pixels[2]).all())
-        done.append(Decoded(index, digest, gray=gray))
+        done.append(Decoded(index, digest, gray=gray, moments=cache.pixel_moments(pixels)))
     return done
 
 

@@ -161,7 +161,9 @@ class ImageFolder(Dataset):
                 r.gray for r, ok in zip(results, usable, strict=True) if ok
             ):
                 images = to_gray(images)
+            moments = stacked_moments(results, channels, images.shape[1])
             decoded = self._decoded(images, listing, usable, capture, problems, results, params.base.seed)
+            decoded.moments = moments
         except BaseException:
             images.discard()
             raise
@@ -243,6 +245,17 @@ class ImageFolder(Dataset):
             )
         return Decoded(images, labels, test, usable, listing.classes, capture, self.declared.source,
                        problems, notes)  # fmt: skip
+
+
+def stacked_moments(results: list[folders.Decoded], decoded: int, cached: int) -> np.ndarray:
+    """(N, C + C²) int64: each image's `cache.pixel_moments` (zeros for a bad file), decoded to
+    `decoded` channels, for a cache of `cached`: reduced to the first channel's sum and square
+    sum when the cache became gray."""
+    moments = np.zeros((len(results), decoded + decoded**2), np.int64)
+    for row, result in enumerate(results):
+        if result.moments is not None:
+            moments[row] = result.moments
+    return moments if decoded == cached else moments[:, [0, decoded]]
 
 
 def drop_duplicates(

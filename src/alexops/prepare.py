@@ -77,7 +77,7 @@ def write_cache(params: Params, paths: Paths, decoded: datasets.Decoded) -> None
         "num_test": len(splits["test"]),
         "image_shape": list(mapped.shape[1:]),
         "capture": decoded.capture.as_dict(),
-        **cache.channel_statistics(mapped, splits["train"]),
+        **cache.channel_statistics(mapped, splits["train"], decoded.moments),
     }
     files.write_json(paths.prepared / "stats.json", stats)
     report |= {
