@@ -103,6 +103,8 @@ bench: install mirror
 	  --epochs 1 --max-train $(PAPER_IMAGES) --no-ten-crop --save artifacts/bench/paper.pt \
 	  --out benchmarks/results/accuracy-cpu-paper.json
 	$(BIN)/python benchmarks/bench_int8.py artifacts/bench/paper.pt artifacts/bench/default.pt
+	$(BIN)/python benchmarks/bench_prepare.py speed
+	$(BIN)/python benchmarks/bench_prepare.py equivalence
 	$(BIN)/python benchmarks/readme_tables.py
 PAPER_IMAGES ?= 12800
 

@@ -1,7 +1,7 @@
 """Folder datasets, measured: equivalence with the IDX path, prepare speed, scale, streaming.
 
     python benchmarks/bench_prepare.py speed [--images 2000] [--sizes 113 256] [--rounds 3]
-    python benchmarks/bench_prepare.py equivalence [--epochs 10]
+    python benchmarks/bench_prepare.py equivalence [--epochs 30]
     python benchmarks/bench_prepare.py scale [--images 10000 100000]
     python benchmarks/bench_prepare.py stream [--steps 3]
 
@@ -232,7 +232,7 @@ def equivalence(args) -> dict:
 
     work = Path(args.work)
     base = yaml.safe_load((ROOT / "params.yaml").read_text())
-    base["train"]["epochs"] = args.epochs
+    base["train"]["epochs"] = args.epochs = args.epochs or base["train"]["epochs"]
     projects = {"idx": work / "eq-idx", "folder": work / "eq-folder"}
     for project in projects.values():
         shutil.rmtree(project, ignore_errors=True)
@@ -444,7 +444,7 @@ def main() -> None:
     p.add_argument("--sizes", type=int, nargs="+", default=[113, 256])
     p.add_argument("--rounds", type=int, default=3)
     p = sub.add_parser("equivalence")
-    p.add_argument("--epochs", type=int, default=10)
+    p.add_argument("--epochs", type=int, default=0, help="0: params.yaml's train.epochs (the default recipe)")
     p = sub.add_parser("scale")
     p.add_argument("--images", type=int, nargs="+", default=[10000, 100000])
     p.add_argument("--budget", default="1G", help="ALEXOPS_DATA_MEMORY for train: below the cache's size")

@@ -252,11 +252,12 @@ def test_bad_files_stop_prepare_naming_each_and_the_fix(tmp_path, awkward_folder
     message = str(caught.value)
     assert "3 problem(s) in dataset shapes" in message and "\n" not in message
     for bad in (
-        "circle/truncated.jpg (corrupt_image",
-        "circle/empty.png (empty",
-        "triangle/notes.txt (not_an_image",
+        "circle/truncated.jpg (corrupt_image: the file could not be decoded",
+        "circle/empty.png (empty: the file is empty (0 bytes).)",
+        "triangle/notes.txt (not_an_image: the file is not an image",
     ):
         assert bad in message
+    assert message.count("circle/empty.png") == 1  # named once, not again inside its detail
     assert "prepare.bad_files: skip" in message
     assert len(report(paths)["problems"]) == 3
     assert not (paths.prepared / "images.npy").exists() and not list(paths.prepared.glob(".*tmp"))

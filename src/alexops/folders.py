@@ -362,8 +362,9 @@ def decode_chunk(spec: DecodeSpec, source: Source, chunk: list[tuple[int, str, o
             continue
         digest = hashlib.sha256(data).hexdigest()
         try:
+            # "the file": the report puts the detail after the file's name, which it would repeat
             pixels, _ = images.capture(
-                data, channels, spec.recipe, "dataset", max_pixels=MAX_PIXELS, label=name
+                data, channels, spec.recipe, "dataset", max_pixels=MAX_PIXELS, label="the file"
             )
         except images.ImageError as exc:
             done.append(Decoded(index, digest, exc.reason, str(exc)))
