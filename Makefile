@@ -30,8 +30,11 @@ mirror:
 
 # PRESET=gpu runs the paper's recipe as a DVC experiment (dvc exp run -S ...): DVC records the
 # values with the experiment; the workspace params.yaml then holds them until `git checkout params.yaml`
+# The Fashion-MNIST mirror is installed only when params.yaml trains it, not for a folder dataset.
 PRESET ?=
-run: install mirror
+DATASET = $$($(BIN)/python -c "import yaml; print(yaml.safe_load(open('params.yaml'))['base']['dataset'])")
+run: install
+	@if [ "$(DATASET)" = fashion-mnist ]; then $(MAKE) --no-print-directory mirror; fi
 	@if [ -n "$(PRESET)" ]; then \
 	  flags=$$($(BIN)/python -m alexops.presets $(PRESET)) || exit 2; \
 	  PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/dvc exp run $$flags; \

@@ -1,12 +1,12 @@
 """Folder datasets, measured: equivalence with the IDX path, prepare speed, scale, streaming.
 
-    python benchmarks/bench_prepare.py speed [--images 2000] [--sizes 113 256] [--rounds 3]
+    python benchmarks/bench_prepare.py speed [--images 2000] [--photos 500x375 1600x1200] [--sizes 113 256]
     python benchmarks/bench_prepare.py equivalence [--epochs 30]
     python benchmarks/bench_prepare.py scale [--images 10000 100000]
     python benchmarks/bench_prepare.py stream [--steps 3]
 
-- speed: images/s decoding a folder of real-size JPEGs (500×375 colour photos made from
-  Fashion-MNIST's test images) into the uint8 cache: alexops prepare against torchvision's
+- speed: images/s decoding a folder of real-size JPEGs (500×375 and 1600×1200 colour photos
+  made from Fashion-MNIST's images) into the uint8 cache: alexops prepare against torchvision's
   ImageFolder + DataLoader (Resize, CenterCrop, PILToTensor) with the same number of worker
   processes, taking turns in rounds, both reading from the page cache.
 - equivalence: Fashion-MNIST written out as PNG folders (train/<class>/<index>.png,
@@ -171,31 +171,38 @@ def torchvision_side(folder: Path, size: int) -> float:
 
 def speed(args) -> dict:
     work = Path(args.work)
-    folder = work / "photos-500x375"
-    write_photo_folder(folder, args.images, (500, 375))
-    size_bytes = warm(folder)
-    result = {"images": args.images, "image_size_px": [500, 375], "mean_file_bytes": size_bytes / args.images,
-              "workers": WORKERS, "sizes": {}}  # fmt: skip
-    for size in args.sizes:
-        loaded = folder_params("photos", folder, prepare={"image_size": size, "workers": WORKERS})
-        project = work / f"project-speed-{size}"
-        fetch.run(loaded, Paths(project, "photos"))  # copies the folder into data/raw: not timed
-        rounds = {"alexops": [], "torchvision": []}
-        for _ in range(args.rounds):
-            seconds, shape = ours(project, loaded)
-            rounds["alexops"].append(args.images / seconds)
-            rounds["torchvision"].append(args.images / torchvision_side(folder, size))
-            print(f"{size} px: alexops {rounds['alexops'][-1]:.0f} img/s ({tuple(shape)}), "
-                  f"torchvision {rounds['torchvision'][-1]:.0f} img/s")  # fmt: skip
-        ratios = [a / b for a, b in zip(rounds["alexops"], rounds["torchvision"], strict=True)]
-        result["sizes"][str(size)] = {
-            "alexops_img_per_s": statistics.median(rounds["alexops"]),
-            "torchvision_img_per_s": statistics.median(rounds["torchvision"]),
-            "speedup": statistics.median(ratios),
-            "speedup_by_round": ratios,
-            "by_round": rounds,
-        }
+    result = {"images": args.images, "workers": WORKERS, "photos": {}}
+    for photo_size in args.photos:
+        width, height = (int(side) for side in photo_size.split("x"))
+        folder = work / f"photos-{photo_size}"
+        write_photo_folder(folder, args.images, (width, height))
+        size_bytes = warm(folder)
+        found = result["photos"][photo_size] = {"mean_file_bytes": size_bytes / args.images, "sizes": {}}
+        for size in args.sizes:
+            found["sizes"][str(size)] = speed_at(work, folder, photo_size, size, args)
     return result
+
+
+def speed_at(work: Path, folder: Path, photo_size: str, size: int, args) -> dict:
+    """alexops prepare and torchvision taking turns on one folder, cache side `size` px."""
+    loaded = folder_params("photos", folder, prepare={"image_size": size, "workers": WORKERS})
+    project = work / f"project-speed-{photo_size}-{size}"
+    fetch.run(loaded, Paths(project, "photos"))  # copies the folder into data/raw: not timed
+    rounds = {"alexops": [], "torchvision": []}
+    for _ in range(args.rounds):
+        seconds, shape = ours(project, loaded)
+        rounds["alexops"].append(args.images / seconds)
+        rounds["torchvision"].append(args.images / torchvision_side(folder, size))
+        print(f"{photo_size} photos, {size} px: alexops {rounds['alexops'][-1]:.0f} img/s ({tuple(shape)}), "
+              f"torchvision {rounds['torchvision'][-1]:.0f} img/s")  # fmt: skip
+    ratios = [a / b for a, b in zip(rounds["alexops"], rounds["torchvision"], strict=True)]
+    return {
+        "alexops_img_per_s": statistics.median(rounds["alexops"]),
+        "torchvision_img_per_s": statistics.median(rounds["torchvision"]),
+        "speedup": statistics.median(ratios),
+        "speedup_by_round": ratios,
+        "by_round": rounds,
+    }
 
 
 # ---- equivalence --------------------------------------------------------------------------------
@@ -441,7 +448,9 @@ def main() -> None:
     sub = parser.add_subparsers(dest="mode", required=True)
     p = sub.add_parser("speed")
     p.add_argument("--images", type=int, default=2000)
-    p.add_argument("--sizes", type=int, nargs="+", default=[113, 256])
+    p.add_argument("--sizes", type=int, nargs="+", default=[113, 256], help="cache sides, px")
+    p.add_argument("--photos", nargs="+", default=["500x375", "1600x1200"],
+                   help="photo sizes, WxH: ImageNet's typical photo, and a small camera's")  # fmt: skip
     p.add_argument("--rounds", type=int, default=3)
     p = sub.add_parser("equivalence")
     p.add_argument("--epochs", type=int, default=0, help="0: params.yaml's train.epochs (the default recipe)")

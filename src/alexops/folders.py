@@ -349,12 +349,12 @@ def output(spec: DecodeSpec) -> np.ndarray:
     return array
 
 
-def decode_chunk(spec: DecodeSpec, source: Source, chunk: list[tuple[int, str, object]]) -> list[Decoded]:
-    """Decode (index, name, member or bytes) items into rows of the output file; a worker's job."""
+def decode_chunk(spec: DecodeSpec, source: Source, chunk: list[tuple[int, object]]) -> list[Decoded]:
+    """Decode (index, member or bytes) items into rows of the output file; a worker's job."""
     out = output(spec)
     channels = spec.shape[1]
     done = []
-    for index, name, item in chunk:
+    for index, item in chunk:
         try:
             data = item if isinstance(item, bytes) else read_member(source, item)
         except OSError as exc:
@@ -417,9 +417,9 @@ def decode_all(
 
     if source.kind == "tar.gz":
         wanted = {e.member.name: i for i, e in enumerate(entries)}
-        items = ((i, entries[i].member.name, data) for i, data in stream_tar(source, wanted))
+        items = stream_tar(source, wanted)
     else:
-        items = ((i, e.member.name, e.member) for i, e in enumerate(entries))
+        items = ((i, e.member) for i, e in enumerate(entries))
     results: list[Decoded] = []
     with tqdm(total=len(entries), desc=desc, unit="img", mininterval=1.0) as bar:
         if workers <= 1 or len(entries) < INLINE_BELOW:

@@ -161,9 +161,8 @@ class ImageFolder(Dataset):
                 r.gray for r, ok in zip(results, usable, strict=True) if ok
             ):
                 images = to_gray(images)
-            moments = stacked_moments(results, channels, images.shape[1])
             decoded = self._decoded(images, listing, usable, capture, problems, results, params.base.seed)
-            decoded.moments = moments
+            decoded.moments = stacked_moments(results, channels, images.shape[1])
         except BaseException:
             images.discard()
             raise

@@ -108,9 +108,8 @@ def read(
     1/8 that keeps both sides ≥ draft px (libjpeg's DCT scaling, Pillow's `Image.draft`):
     up to 64× fewer pixels decoded for an image that is then shrunk to `draft` px anyway.
     square_opaque: with draft, an opaque 8-bit image comes back already `square`d to draft px,
-    resampled from Pillow's decoded image (the same pixels, without two copies through numpy:
-    a third of the time per photo); an image with alpha comes back as decoded, to be squared
-    after compositing.
+    resampled from Pillow's decoded image (the same pixels, without two full-size copies
+    through numpy); an image with alpha comes back as decoded, to be squared after compositing.
     """
     if channels not in MODES:
         raise ValueError(f"channels must be 1 or 3, got {channels}")
