@@ -32,7 +32,7 @@ mirror:
 # values with the experiment; the workspace params.yaml then holds them until `git checkout params.yaml`
 # The Fashion-MNIST mirror is installed only when params.yaml trains it, not for a folder dataset.
 PRESET ?=
-DATASET = $$($(BIN)/python -c "import yaml; print(yaml.safe_load(open('params.yaml'))['base']['dataset'])")
+DATASET = $$($(BIN)/python -c "import yaml; print((yaml.safe_load(open('params.yaml')).get('base') or {}).get('dataset', 'fashion-mnist'))")
 run: install
 	@if [ "$(DATASET)" = fashion-mnist ]; then $(MAKE) --no-print-directory mirror; fi
 	@if [ -n "$(PRESET)" ]; then \
@@ -92,7 +92,7 @@ format: install
 	$(BIN)/ruff check --fix src tests pipeline benchmarks stack
 
 # Side-by-side measurements; results in benchmarks/results/*.json with the command that made each,
-# and the README's tables rewritten from them (see README, Benchmarks). About an hour on 2 cores.
+# and the README's tables rewritten from them (see README, Benchmarks). About two hours on 2 cores.
 EPOCHS = $$($(BIN)/python -c "import yaml; print(yaml.safe_load(open('params.yaml'))['train']['epochs'])")
 bench: install mirror
 	$(BIN)/python benchmarks/bench_lrn.py
