@@ -27,6 +27,7 @@ Errors are `ImageError` (an `AlexopsError`) naming the image, the problem and th
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import io
 import math
@@ -249,16 +250,15 @@ ORIENTATION_SOURCES = ("exif", "Raw profile type exif", "xmp", "XML:com.adobe.xm
 
 
 def upright(image: Image.Image) -> Image.Image:
-    """The image as viewers show it: its EXIF orientation applied (a new, loaded image). EXIF that
-    cannot be read is ignored, as viewers ignore it: the pixels are shown as stored."""
+    """The image as viewers show it: its EXIF orientation applied, in place (the image, loaded).
+    EXIF that cannot be read is ignored, as viewers ignore it: the pixels are shown as stored."""
     image.load()  # a PNG's eXIf chunk may follow its pixels
     if image.format != "TIFF" and not any(key in image.info for key in ORIENTATION_SOURCES):
-        return image  # nothing to apply: skip Pillow's EXIF parse and copy (0.1 ms of a 28 px PNG)
-    try:
-        return ImageOps.exif_transpose(image)
-    except (SyntaxError, ValueError, TypeError, struct.error, KeyError):  # Pillow's EXIF parser's errors
-        image.load()
-        return image.copy()
+        return image  # nothing to apply: skip Pillow's EXIF parse (0.1 ms of a 28 px PNG)
+    # in place: a camera photo, orientation 1 or not, is not copied; the errors are Pillow's EXIF parser's
+    with contextlib.suppress(SyntaxError, ValueError, TypeError, struct.error, KeyError):
+        ImageOps.exif_transpose(image, in_place=True)
+    return image
 
 
 def _convert(image: Image.Image, mode: str) -> Image.Image:
