@@ -197,6 +197,78 @@ def int8_table() -> str:
     return table(header, rows) + f"\n\nSource: {rel(path)}."
 
 
+def prepare_table() -> str:
+    """Folder datasets (#15): decoding speed, equivalence with the IDX path, streaming, scale."""
+    rows = []
+    for name, make in (("speed", speed_rows), ("equivalence", equivalence_rows), ("stream", stream_rows),
+                       ("scale", scale_rows)):  # fmt: skip
+        path = RESULTS / f"prepare-{name}.json"
+        if found := load(path):
+            rows += [[measurement, result, rel(path)] for measurement, result in make(found)]
+    if not rows:
+        return "_Not measured yet (`make bench-prepare`)._"
+    return table(["measurement", "result", "source"], rows)
+
+
+def speed_rows(r: dict) -> list[tuple[str, str]]:
+    rows = []
+    for photo, found in r["photos"].items():
+        for size, m in found["sizes"].items():
+            kilobytes = found["mean_file_bytes"] / 1e3
+            what = (
+                f"decode {r['images']:,} JPEGs of {photo.replace('x', '×')} px ({kilobytes:.0f} kB) "
+                f"to {size} px, {r['workers']} processes"
+            )
+            by_round = m["speedup_by_round"]
+            result = (
+                f"{m['alexops_img_per_s']:.0f} vs {m['torchvision_img_per_s']:.0f} img/s: "
+                f"**{m['speedup']:.2f}×** ({min(by_round):.2f}–{max(by_round):.2f}× by round)"
+            )
+            rows.append((what, result))
+    return rows
+
+
+def equivalence_rows(r: dict) -> list[tuple[str, str]]:
+    idx, folder = r["runs"]["idx"], r["runs"]["folder"]
+    splits = [found for name, found in r["arrays"].items() if name != "stats_equal"]
+    same = all(found["pixels_identical"] and found["labels_identical"] for found in splits)
+    what = (
+        f"Fashion-MNIST as {r['png_files']:,} PNGs vs its IDX files, default params "
+        f"({r['epochs']} epochs), same seed"
+    )
+    result = (
+        f"caches {'pixel-identical' if same else 'DIFFERENT'}; {pct(folder['accuracy'])} vs "
+        f"{pct(idx['accuracy'])} (10-crop): **{r['accuracy_difference_points']:+.2f} points**"
+    )
+    return [(what, result)]
+
+
+def stream_rows(r: dict) -> list[tuple[str, str]]:
+    what = (
+        f"data share of a {r['image_size']} px step (width {r['width']:g}, batch {r['batch_size']}, "
+        "CPU), batches read from the memory map and augmented"
+    )
+    shares = [f"**{100 * m['data_share']:.1f}%** ({mode})" for mode, m in r["modes"].items()]
+    return [(what, ", ".join(shares))]
+
+
+def scale_rows(r: dict) -> list[tuple[str, str]]:
+    runs = [r["runs"][count] for count in sorted(r["runs"], key=int)]
+
+    def span(value: Callable[[dict], float], unit: str) -> str:
+        return " → ".join(f"{value(run):,.0f}" for run in runs) + f" {unit}"
+
+    counts = " and ".join(f"{int(count):,}" for count in sorted(r["runs"], key=int))
+    what = (
+        f"{counts} JPEGs (256×192): prepare and one epoch streamed (ALEXOPS_DATA_MEMORY={r['memory_budget']})"
+    )
+    result = (f"cache {span(lambda run: run['cache_mib'], 'MiB')}; peak anonymous memory: prepare "
+              f"{span(lambda run: run['prepare']['peak_anonymous_mib'], 'MiB')}, train "
+              f"{span(lambda run: run['train']['peak_anonymous_mib'], 'MiB')}; prepare "
+              f"{span(lambda run: run['prepare']['seconds'], 's')}")  # fmt: skip
+    return [(what, result)]
+
+
 def ratio(entry: dict) -> str:
     return f"**{entry['median']:.2f}×** ({min(entry['by_round']):.2f}–{max(entry['by_round']):.2f})"
 
@@ -207,6 +279,7 @@ TABLES: dict[str, Callable[[], str]] = {
     "seeds": seeds_table,
     "throughput": throughput_table,
     "int8": int8_table,
+    "prepare": prepare_table,
 }
 
 
