@@ -15,8 +15,8 @@
   pipeline's own stages (`alexops fetch|prepare|train|evaluate`), same params, same seed.
 - scale: prepare and one training epoch on a folder of N JPEGs (256×192), the cache streamed
   from its memory map (ALEXOPS_DATA_MEMORY below the cache's size); wall time and the peak
-  memory of the stage's process tree, sampled every 0.1 s (resident, and anonymous: resident
-  less the pages of mapped files).
+  memory of the stage's process tree, sampled every 0.1 s (resident, and anonymous: the
+  processes' proportional anonymous memory, Pss_Anon, without the mapped files' pages).
 - stream: the data share of a training step at 227 px (width 1.0, CPU) with the batches read
   from the memory-mapped cache: the gather of the batch's images plus the augmentation, against
   the whole step; with the cache's pages in memory and evicted before every step.
@@ -305,7 +305,12 @@ def compare_caches(projects: dict[str, Path]) -> dict:
 
 
 class MemorySampler:
-    """Peak resident and anonymous memory of a process tree, sampled every 0.1 s (psutil)."""
+    """Peak resident and anonymous memory of a process tree, sampled every 0.1 s.
+
+    Anonymous memory is the sum of each process's Pss_Anon (/proc/<pid>/smaps_rollup): its
+    private anonymous pages, and its share of those it shares copy-on-write with the processes
+    forked from it, so the decoding pool does not count the stage's heap three times. The
+    memory map's pages are file pages, in the resident figure only."""
 
     def __init__(self, pid: int) -> None:
         import psutil
@@ -323,10 +328,9 @@ class MemorySampler:
             rss = anon = 0
             try:
                 for process in [self.root, *self.root.children(recursive=True)]:
-                    info = process.memory_full_info()
-                    rss += info.rss
-                    anon += info.rss - info.shared  # what is not a mapped file's page cache
-            except psutil.Error:
+                    rss += process.memory_info().rss
+                    anon += proportional_anonymous(process.pid)
+            except (psutil.Error, OSError):
                 pass
             self.peak_rss, self.peak_anon = max(self.peak_rss, rss), max(self.peak_anon, anon)
             self.stop.wait(0.1)
@@ -335,6 +339,14 @@ class MemorySampler:
         self.stop.set()
         self.thread.join()
         return {"peak_rss_mib": self.peak_rss / 2**20, "peak_anonymous_mib": self.peak_anon / 2**20}
+
+
+def proportional_anonymous(pid: int) -> int:
+    """Bytes of Pss_Anon in /proc/<pid>/smaps_rollup (Linux ≥ 5.7)."""
+    for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+        if line.startswith("Pss_Anon:"):
+            return int(line.split()[1]) * 1024
+    raise OSError(f"no Pss_Anon in /proc/{pid}/smaps_rollup")
 
 
 def measured_stage(project: Path, name: str, env: dict) -> dict:
