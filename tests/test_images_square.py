@@ -91,3 +91,23 @@ def test_a_photo_dataset_without_a_size_still_applies_nothing():
     recipe = images.Capture(kind="photo", background=(255,), source="CIFAR-like")
     pixels, done = images.capture(data, 3, recipe, "auto")
     assert pixels.shape == (3, 48, 64) and done.applied == "none"
+
+
+def encoded(array: np.ndarray, fmt: str, mode: str | None = None) -> bytes:
+    buffer = io.BytesIO()
+    image = Image.fromarray(array)
+    (image.convert(mode) if mode else image).save(buffer, fmt)
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize(
+    "fmt, mode", [("JPEG", None), ("JPEG", "L"), ("JPEG", "CMYK"), ("PNG", "P"), ("PNG", "1"), ("WEBP", None)]
+)
+@pytest.mark.parametrize("channels, size", [(3, 40), (1, 40), (3, 200)])
+def test_squaring_from_pillows_image_gives_the_numpy_paths_pixels(fmt, mode, channels, size):
+    """read(square_opaque=True) squares an opaque image before it leaves Pillow (prepare's fast
+    path); the pixels must be those of squaring the decoded array, downscaled or upscaled."""
+    data = encoded(gradient(90, 130), fmt, mode)
+    fast = images.read(data, channels, draft=size, square_opaque=True).colour
+    assert fast.shape == (channels, size, size)
+    assert np.array_equal(fast, images.square(images.read(data, channels, draft=size).colour, size))
