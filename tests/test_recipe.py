@@ -78,12 +78,27 @@ def test_the_weight_average_follows_each_step_and_is_what_is_validated_and_shipp
         train.train_step(session.model, session, x, labels[:16], opts, False, index)
         if index < every:  # between updates the average stays where it was
             assert torch.equal(next(session.trained.parameters()), first[0])
-    # the first update copies the weights, each later one moves 1 - 0.9^EMA_EVERY of the way to them
-    decay = 0.9**every
+    # the first update copies the weights, the next (at step EMA_EVERY) moves 1 - d^EMA_EVERY of the
+    # way to them, d the warm-up's per-step decay there (below 0.9)
+    decay = min(0.9, (1 + every) / (10 + every)) ** every
     expected = [decay * a + (1 - decay) * b for a, b in zip(first, session.model.parameters(), strict=True)]
     assert session.trained is session.average.module
     for got, want in zip(session.trained.parameters(), expected, strict=True):
         assert torch.allclose(got, want, atol=1e-6)
+
+
+def test_the_weight_average_of_a_short_run_follows_the_training_not_the_initial_weights():
+    """TensorFlow's warm-up: a 100-step run (25 updates) averaged at 0.999 per step lands near
+    the weights it trained to; plain EMA would still hold 90% of the initial ones."""
+    update = train.ema_with_warmup(0.999, train.EMA_EVERY)
+    averaged, trained = [torch.zeros(3)], [torch.ones(3)]
+    for n in range(1, 26):
+        update(averaged, trained, torch.tensor(n))
+    assert averaged[0].min() > 0.99
+    # late in a run the warm-up is over: each update moves 1 - 0.999^EMA_EVERY of the way
+    late = [torch.zeros(3)]
+    update(late, trained, torch.tensor(10_000))
+    assert torch.allclose(late[0], torch.full((3,), 1 - 0.999**train.EMA_EVERY))
 
 
 def test_a_resumed_run_gets_its_weight_average_back(tmp_path):

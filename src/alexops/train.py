@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+from torch.optim.swa_utils import AveragedModel
 from tqdm import tqdm
 
 from alexops import augment, distributed, figures, files, lrn, tracking
@@ -135,8 +135,7 @@ def build(
     )
     average = None
     if opts.ema_decay > 0:  # AlexNet has no buffers (no batch norm): averaging the parameters is all
-        decay = opts.ema_decay**EMA_EVERY  # the same horizon in steps, updated every EMA_EVERY steps
-        average = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(decay))
+        average = AveragedModel(model, multi_avg_fn=ema_with_warmup(opts.ema_decay, EMA_EVERY))
     return Session(model, optimizer, recipe, lighting, config, device, world, average)
 
 
@@ -149,6 +148,25 @@ def augmented(session: Session, images: torch.Tensor, opts: TrainParams, generat
 # An update of the weight average reads and writes every weight (18 MB at the CPU default, 0.7 GB
 # at the paper's size): every 4th step costs a quarter of that, with the decay compounded to match.
 EMA_EVERY = 4
+
+
+def ema_with_warmup(decay: float, every: int):
+    """The weight average's update (an AveragedModel `multi_avg_fn`), with TensorFlow's warm-up.
+
+    At training step s the per-step decay is min(decay, (1 + s) / (10 + s)), the schedule of
+    tf.train.ExponentialMovingAverage with `num_updates`: early on the average covers about the
+    last tenth of the run, so a short run ships trained weights, not an average still close to
+    the initial ones (0.999 per step needs thousands of steps). Updates come every `every` steps
+    with the per-step decay compounded; from step 8,990 on (decay 0.999) it is the plain EMA.
+    """
+
+    @torch.no_grad()
+    def update(averaged: list[torch.Tensor], current: list[torch.Tensor], num_averaged: torch.Tensor):
+        step = int(num_averaged) * every  # update n is made at step n × every (update 0 copies)
+        per_step = min(decay, (1 + step) / (10 + step))
+        torch._foreach_lerp_(averaged, current, 1 - per_step**every)
+
+    return update
 
 
 def train_step(
