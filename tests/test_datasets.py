@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import http.server
+import io
 import json
 import re
 import threading
@@ -261,6 +262,21 @@ def test_bad_files_stop_prepare_naming_each_and_the_fix(tmp_path, awkward_folder
     assert "prepare.bad_files: skip" in message
     assert len(report(paths)["problems"]) == 3
     assert not (paths.prepared / "images.npy").exists() and not list(paths.prepared.glob(".*tmp"))
+
+
+def test_an_image_over_the_pixel_limit_is_reported_in_prepares_words(tmp_path):
+    """The decoder's own detail speaks to the server's clients ("send a smaller image")."""
+    root = tmp_path / "source"
+    write_folder(root, per_class=6, size=(48, 64))
+    huge = io.BytesIO()
+    Image.new("1", (20_000, 10_000)).save(huge, "PNG")  # 200 M pixels, 25 kB of zeros
+    (root / "square" / "poster.png").write_bytes(huge.getvalue())
+    paths = fetched_and_prepared(tmp_path / "project", declared(root, prepare_opts={"bad_files": "skip"}))
+    (problem,) = report(paths)["problems"]
+    assert (problem["path"], problem["reason"]) == ("square/poster.png", "too_many_pixels")
+    assert problem["detail"].startswith("the file is too large to decode")
+    assert f"at most {folders.MAX_PIXELS:,} pixels" in problem["detail"]
+    assert "send" not in problem["detail"] and "--max-pixels" not in problem["detail"]
 
 
 def test_an_empty_class_folder_stops_prepare_before_decoding(tmp_path, awkward_folder):

@@ -367,12 +367,20 @@ def decode_chunk(spec: DecodeSpec, source: Source, chunk: list[tuple[int, object
                 data, channels, spec.recipe, "dataset", max_pixels=MAX_PIXELS, label="the file"
             )
         except images.ImageError as exc:
-            done.append(Decoded(index, digest, exc.reason, str(exc)))
+            detail = too_large(data) if exc.reason == "too_many_pixels" else str(exc)
+            done.append(Decoded(index, digest, exc.reason, detail))
             continue
         out[index] = pixels
         gray = channels == 1 or bool((pixels[0] == pixels[1]).all() and (pixels[1] == pixels[2]).all())
         done.append(Decoded(index, digest, gray=gray, moments=cache.pixel_moments(pixels)))
     return done
+
+
+def too_large(data: bytes) -> str:
+    """The too-many-pixels detail in prepare's words (the decoder's own is for the server's clients)."""
+    width, height = images.dimensions(data) or (0, 0)  # None: over Pillow's own limit already
+    size = f" ({width}×{height} = {width * height:,} pixels)" if width else ""
+    return f"the file is too large to decode{size}: prepare decodes at most {MAX_PIXELS:,} pixels an image"
 
 
 def shorter_sides(source: Source, entries: list[Entry], enough: int) -> int:
