@@ -68,12 +68,13 @@ def options(changes: list[str]) -> params.TrainParams:
     return params.from_dict({"train": section}).train
 
 
-# `plan`: the runs behind the README's "What bought what" and the final recipe's seed spread, in
-# order; each adds to the one before (the weight average rides along: it never feeds back into
-# training, so every run also reports itself without it)
+# `plan`: the runs behind the README's "What bought what" (readme_tables.ABLATION) and the final
+# recipe's seed spread, in order; the weight average rides along: it never feeds back into
+# training, so a run with it also reports itself without it
 PLAN = [
-    ("ls", ["label_smoothing=0.1", "ema_decay=0.999"], 42),
-    ("ls_re", ["label_smoothing=0.1", "erasing=0.5", "ema_decay=0.999"], 42),
+    ("do25", ["dropout=0.25"], 42),
+    ("re_ema", ["dropout=0.25", "erasing=0.5", "ema_decay=0.999"], 42),
+    ("ls_ema", ["dropout=0.25", "label_smoothing=0.1", "ema_decay=0.999"], 42),
 ]
 FINAL_SEEDS = (1, 2)
 

@@ -22,13 +22,20 @@ ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 RECIPE = RESULTS / "recipe"
 
-# The recipe ablation, in the order each change was added (names of results/recipe/<name>-seed42.json)
-ABLATION = {
-    "baseline": "the starting recipe: 99 px, width 0.25, 30 epochs, one-cycle SGD (lr 0.05), batch 128",
-    "ls": "+ label smoothing 0.1",
-    "ls_re": "+ random erasing (p = 0.5)",
-    "combo": "+ weight EMA (decay 0.999 per step)",
-}
+# The recipe ablation: (the run, results/recipe/<run>-seed42.json; which of its weights, "raw"
+# or its weight "average" (a run with an average also tests its raw weights: the same run without
+# it); the variant of results/recipe/cost-ablation.json that prices its step; the row it changes,
+# by number (1: the starting recipe); what it changes)
+BASELINE = (
+    "1. the starting recipe: 99 px, width 0.25, 30 epochs, one-cycle SGD (lr 0.05), batch 128, dropout 0.5"
+)
+ABLATION = [
+    ("do25", "raw", "do25", 1, "dropout 0.25"),
+    ("re_ema", "raw", "re", 2, "random erasing (p = 0.5)"),
+    ("re_ema", "average", "re_ema", 3, "weight average (EMA, 0.999 per step)"),
+    ("ls_ema", "raw", "do25", 2, "label smoothing 0.1"),
+    ("ls_ema", "average", "ls_ema", 5, "weight average (EMA, 0.999 per step)"),
+]
 
 
 def load(path: Path) -> dict | None:
@@ -49,53 +56,39 @@ def table(header: list[str], rows: list[list[str]]) -> str:
     return "\n".join(lines)
 
 
-def costs() -> dict:
-    found = {}
-    for path in sorted(RECIPE.glob("cost*.json")):
-        for name, entry in json.loads(path.read_text())["variants"].items():
-            found[name] = entry | {"file": path}
-    return found
-
-
 def recipe_table() -> str:
     baseline = load(RECIPE / "baseline-quiet.json")
     base_seconds = baseline["accuracy_run"]["train_seconds"]
     base_epochs = baseline["train_params"]["epochs"]
-    speeds = costs()
-    rows, previous = [], None
-    for name, change in ABLATION.items():
-        if name == "baseline":
-            acc, centre = baseline["accuracy_run"]["test_accuracy_ten_crop"], None
-            centre = baseline["accuracy_run"]["test_accuracy_center_crop"]
-            seconds, source = f"{base_seconds:.0f} (measured, quiet)", RECIPE / "baseline-quiet.json"
-        else:
-            run = load(RECIPE / f"{name}-seed42.json")
-            if run is None:
-                continue
-            acc, centre, source = (
-                run["test_accuracy_ten_crop"],
-                run["test_accuracy_center_crop"],
-                RECIPE / f"{name}-seed42.json",
-            )
-            speed = speeds.get(name, {}).get("speed_vs_baseline")
-            epochs = run["train_params"]["epochs"]
-            seconds = (
-                f"≈ {base_seconds * epochs / base_epochs / speed:.0f} (×{1 / speed:.2f} per epoch)"
-                if speed
-                else "?"
-            )
-        delta = "" if previous is None else f"{100 * (acc - previous):+.2f}"
-        rows.append([change, pct(acc), pct(centre), delta, seconds, rel(source)])
-        previous = acc
-    return table(
+    speeds = load(RECIPE / "cost-ablation.json")["variants"]
+    first = baseline["accuracy_run"]
+    accuracies = [first["test_accuracy_ten_crop"]]
+    rows = [
         [
-            "recipe (each row adds to the one above)",
-            "test acc. (10-crop)",
-            "centre crop",
-            "Δ points",
-            "training s",
-            "source",
-        ],
+            BASELINE,
+            pct(accuracies[0]),
+            pct(first["test_accuracy_center_crop"]),
+            "",
+            f"{base_seconds:.0f} (measured, quiet)",
+            rel(RECIPE / "baseline-quiet.json"),
+        ]
+    ]
+    for name, weights, variant, changes, change in ABLATION:
+        run = load(RECIPE / f"{name}-seed42.json")
+        if run is None:
+            break  # the rows after it build on it
+        tested = run["without_average"] if weights == "raw" and run.get("without_average") else run
+        acc = tested["test_accuracy_ten_crop"]
+        speed = speeds[variant]["speed_vs_baseline"]
+        epochs = run["train_params"]["epochs"]
+        seconds = f"≈ {base_seconds * epochs / base_epochs / speed:.0f} (×{1 / speed:.2f} per step)"
+        source = rel(RECIPE / f"{name}-seed42.json") + (" (raw weights)" if tested is not run else "")
+        delta = f"{100 * (acc - accuracies[changes - 1]):+.2f} (on {changes})"
+        rows.append([f"{len(rows) + 1}. {changes} + {change}", pct(acc)])
+        rows[-1] += [pct(tested["test_accuracy_center_crop"]), delta, seconds, source]
+        accuracies.append(acc)
+    return table(
+        ["recipe", "test acc. (10-crop)", "centre crop", "Δ points", "training s", "source"],
         rows,
     )
 

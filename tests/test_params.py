@@ -91,6 +91,8 @@ def test_presets_are_valid_params_and_gpu_is_the_papers_recipe():
         params.from_dict(presets.apply(base, name))
     gpu = params.from_dict(presets.apply(base, "gpu")).train
     assert (gpu.image_size, gpu.width, gpu.init, gpu.schedule, gpu.lr) == (227, 1.0, "paper", "plateau", 0.01)
+    assert gpu.dropout == params.from_dict(presets.apply(base, "paper")).train.dropout == 0.5  # paper §4.2
+    assert gpu.label_smoothing == 0.0  # the CPU default's 0.1 is not the paper's
     assert presets.dvc_flags("gpu")[:2] == ["-S", "train.image_size=227"]
     with pytest.raises(AlexopsError, match="unknown preset"):
         presets.overrides("tpu")
