@@ -252,7 +252,8 @@ def equivalence(args) -> dict:
     declared = base | {"base": base["base"] | {"dataset": "fmpng"},
                        "datasets": {"fmpng": {"source": "datasets/fashion-mnist-png"}}}  # fmt: skip
     (projects["folder"] / "params.yaml").write_text(yaml.safe_dump(declared))
-    result = {"epochs": args.epochs, "png_files": 70000, "png_write_seconds": write_seconds, "runs": {}}
+    result = {"epochs": args.epochs, "train_params": base["train"], "png_files": 70000}
+    result |= {"png_write_seconds": write_seconds, "runs": {}}
     for kind, project in projects.items():
         env = dict(os.environ, MLFLOW_TRACKING_URI=f"sqlite:///{project}/mlflow.db")
         seconds = {name: stage(project, name, env) for name in ("fetch", "prepare")}
