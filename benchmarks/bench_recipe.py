@@ -75,6 +75,7 @@ PLAN = [
     ("do25", ["dropout=0.25"], 42),
     ("re_ema", ["dropout=0.25", "erasing=0.5", "ema_decay=0.999"], 42),
     ("ls_ema", ["dropout=0.25", "label_smoothing=0.1", "ema_decay=0.999"], 42),
+    ("do0_ls", ["dropout=0.0", "label_smoothing=0.1"], 42),
 ]
 FINAL_SEEDS = (1, 2)
 

@@ -35,6 +35,7 @@ ABLATION = [
     ("re_ema", "average", "re_ema", 3, "weight average (EMA, 0.999 per step)"),
     ("ls_ema", "raw", "do25", 2, "label smoothing 0.1"),
     ("ls_ema", "average", "ls_ema", 5, "weight average (EMA, 0.999 per step)"),
+    ("do0_ls", "raw", "baseline", 5, "no dropout"),
 ]
 
 
