@@ -39,6 +39,7 @@ JUNK_NAMES = frozenset({"Thumbs.db", "desktop.ini", "__MACOSX"})
 MAX_MEMBER_BYTES = 512 << 20
 # Pixels decoded per image at most (Pillow's own bomb limit is twice its 89 M warning level).
 MAX_PIXELS = 2 * 89_478_485
+TOO_LARGE = f"the file is too large to decode: prepare decodes at most {MAX_PIXELS:,} pixels an image"
 
 
 class UnsafeArchive(AlexopsError):
@@ -367,20 +368,14 @@ def decode_chunk(spec: DecodeSpec, source: Source, chunk: list[tuple[int, object
                 data, channels, spec.recipe, "dataset", max_pixels=MAX_PIXELS, label="the file"
             )
         except images.ImageError as exc:
-            detail = too_large(data) if exc.reason == "too_many_pixels" else str(exc)
+            # the decoder's own too-many-pixels detail speaks to the server's clients (--max-pixels)
+            detail = TOO_LARGE if exc.reason == "too_many_pixels" else str(exc)
             done.append(Decoded(index, digest, exc.reason, detail))
             continue
         out[index] = pixels
         gray = channels == 1 or bool((pixels[0] == pixels[1]).all() and (pixels[1] == pixels[2]).all())
         done.append(Decoded(index, digest, gray=gray, moments=cache.pixel_moments(pixels)))
     return done
-
-
-def too_large(data: bytes) -> str:
-    """The too-many-pixels detail in prepare's words (the decoder's own is for the server's clients)."""
-    width, height = images.dimensions(data) or (0, 0)  # None: over Pillow's own limit already
-    size = f" ({width}×{height} = {width * height:,} pixels)" if width else ""
-    return f"the file is too large to decode{size}: prepare decodes at most {MAX_PIXELS:,} pixels an image"
 
 
 def shorter_sides(source: Source, entries: list[Entry], enough: int) -> int:
