@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from alexops import augment, datasets, params, prepare, register, tracking, train
-from alexops.evaluate import confusion_matrix
+from alexops.evaluate import confusion_matrix, majority_baseline
 
 RECIPE = augment.Recipe.create(67, 256 / 224, [0.5], [0.25])
 
@@ -160,6 +160,37 @@ PARITY_OK = (True, 1e-6)
 def test_promotion_gate(new, parity, floor, champion, promote, named):
     promoted, reason = register.decide(new, parity, floor, champion)
     assert promoted is promote and named in reason
+
+
+@pytest.mark.parametrize(
+    ("right", "test_images", "majority", "promote"),
+    [
+        (9, 18, 1 / 3, False),  # 50% of 18 in three balanced classes: p = 0.11
+        (11, 18, 1 / 3, True),  # p = 0.014
+        (10, 18, 1 / 2, False),  # two classes: above the 0.5 floor, p = 0.41
+        (12, 18, 1 / 2, False),  # p = 0.12
+        (13, 18, 1 / 2, True),  # p = 0.048
+        (1100, 10000, 1 / 10, True),  # a large test set: 11% is already better than a constant answer
+        (1000, 10000, 1 / 10, False),
+        (18, 18, 1.0, False),  # a test set of one class shows nothing
+    ],
+)
+def test_the_gate_holds_back_an_accuracy_a_constant_answer_explains(right, test_images, majority, promote):
+    chance = register.Chance(test_images, "coat", majority, significance=0.05)
+    promoted, reason = register.decide(right / test_images, PARITY_OK, 0.5 * majority, None, chance)
+    assert promoted is promote
+    if not promote:
+        assert "'coat' for every image" in reason and "register.significance 0.05" in reason
+    off = register.Chance(test_images, "coat", majority, significance=1.0)
+    assert register.decide(right / test_images, PARITY_OK, 0.0, None, off)[0]
+
+
+def test_evaluate_names_the_majority_class_and_what_answering_it_scores():
+    labels = torch.tensor([2, 0, 2, 1, 2, 0])
+    assert majority_baseline(labels, ["a", "b", "c"]) == {
+        "majority_class": "c",
+        "majority_class_accuracy": 0.5,
+    }
 
 
 def test_parity_from_the_export_report():

@@ -59,6 +59,14 @@ def metrics_from(probs: torch.Tensor, labels: torch.Tensor, classes: list[str]) 
     }
 
 
+def majority_baseline(labels: torch.Tensor, classes: list[str]) -> dict:
+    """The test set's most common class and the accuracy of answering it for every image: the
+    score a model that learned nothing about the images can reach (register's chance check)."""
+    counts = torch.bincount(labels, minlength=len(classes))
+    most = int(counts.argmax())
+    return {"majority_class": classes[most], "majority_class_accuracy": counts[most].item() / len(labels)}
+
+
 def run(params: Params, paths: Paths) -> None:
     with tracking.continue_run(params, paths, "evaluate") as mlflow:
         report = evaluate(params, paths)
@@ -93,6 +101,7 @@ def evaluate(params: Params, paths: Paths) -> dict:
     # `accuracy` is the headline figure: the paper's 10-crop test when enabled
     report |= {"accuracy": best["accuracy"], "test_images": len(labels), "ten_crop": opts.ten_crop}
     report["per_class_accuracy"] = best["per_class_accuracy"]
+    report |= majority_baseline(labels, classes)
     write_reports(paths, report, best, labels, classes)
     worst = figures.worst_mistakes(probs, labels)
     how = "10-crop" if opts.ten_crop else "centre crop"

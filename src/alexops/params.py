@@ -182,6 +182,9 @@ class RegisterParams:
     experiment: str = _rule("alexops", pattern=r"^\S.*$")
     # the promotion gate's floor: below it a new version never becomes @champion
     min_accuracy: float = _rule(0.5, min=0.0, max=1.0)
+    # ... and a version must beat answering the test set's most common class for every image:
+    # the one-sided binomial test's p-value must be ≤ this (small test sets); 1.0 = off
+    significance: float = _rule(0.05, min=0.0, max=1.0)
 
 
 @dataclass(frozen=True)

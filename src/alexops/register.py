@@ -1,10 +1,13 @@
 """Stage `register`: log the ONNX model to the MLflow registry and settle `@champion`.
 
-The promotion gate: a version passes when its ONNX parity check passed and its test accuracy
-is at least `register.min_accuracy`. `@champion` names the most accurate version that passed
-(the newest among equals), so a new version takes it only when it is at least as accurate as
-the champion; every other new version becomes `@challenger`. The decision and its reason go to
-`reports/<dataset>/register.json`, onto the model version (tags, description) and the run.
+The promotion gate: a version passes when its ONNX parity check passed, its test accuracy
+is at least `register.min_accuracy`, and that accuracy is better than answering the test set's
+most common class for every image, by a one-sided binomial test at `register.significance`
+(which only a small test set can fail: 9 right of 18 in three balanced classes does).
+`@champion` names the most accurate version that passed (the newest among equals), so a new
+version takes it only when it is at least as accurate as the champion; every other new version
+becomes `@challenger`. The decision and its reason go to `reports/<dataset>/register.json`,
+onto the model version (tags, description) and the run.
 
 Parallel registers (`dvc queue start -j N`, parallel flow runs) are safe: in one workspace
 they take turns under a file lock, and across machines the champion is re-derived from the
@@ -17,6 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+from dataclasses import dataclass
 
 import numpy as np
 import onnx
@@ -47,8 +51,33 @@ def parity_passed(export: dict) -> tuple[bool, float]:
     return bool(export.get("parity_passed")) and worst <= tolerance, worst
 
 
+@dataclass(frozen=True)
+class Chance:
+    """What the test set lets a model score without learning anything (evaluate.json), and the
+    significance level its accuracy must beat that at."""
+
+    test_images: int
+    majority_class: str
+    majority_class_accuracy: float
+    significance: float
+
+    def p_value(self, accuracy: float) -> float:
+        """P(≥ this many right of `test_images`) for a model right with probability
+        `majority_class_accuracy` per image: one-sided exact binomial test (scipy.stats.binomtest)."""
+        from scipy.stats import binomtest
+
+        correct = round(accuracy * self.test_images)
+        return binomtest(
+            correct, self.test_images, self.majority_class_accuracy, alternative="greater"
+        ).pvalue
+
+
 def decide(
-    accuracy: float, parity: tuple[bool, float], min_accuracy: float, champion_accuracy: float | None
+    accuracy: float,
+    parity: tuple[bool, float],
+    min_accuracy: float,
+    champion_accuracy: float | None,
+    chance: Chance | None = None,
 ) -> tuple[bool, str]:
     """The promotion gate against a champion: (promote?, reason), every check named in the reason."""
     passed, worst = parity
@@ -56,6 +85,13 @@ def decide(
         return False, f"ONNX parity check failed (max |diff| {worst:.1e})"
     if accuracy < min_accuracy:
         return False, f"accuracy {accuracy:.4f} < register.min_accuracy {min_accuracy:.4f}"
+    if chance is not None and (p := chance.p_value(accuracy)) > chance.significance:
+        return False, (
+            f"accuracy {accuracy:.4f} on {chance.test_images} test images is not better than answering "
+            f"{chance.majority_class!r} for every image ({chance.majority_class_accuracy:.4f}): binomial "
+            f"p = {p:.3f} > register.significance {chance.significance}. "
+            "Fix: more test images, or train longer"
+        )
     if champion_accuracy is None:
         return True, f"no champion yet; parity ok, accuracy {accuracy:.4f} ≥ min {min_accuracy:.4f}"
     if accuracy < champion_accuracy:
@@ -108,7 +144,13 @@ def decide_version(
     name = model_name(params)
     accuracy = float(evaluation["accuracy"])
     digest = weights_digest(proto)
-    passed, reason = decide(accuracy, parity_passed(export), params.register.min_accuracy, None)
+    chance = Chance(
+        int(evaluation["test_images"]),
+        evaluation["majority_class"],
+        float(evaluation["majority_class_accuracy"]),
+        params.register.significance,
+    )
+    passed, reason = decide(accuracy, parity_passed(export), params.register.min_accuracy, None, chance)
     tags = {"accuracy": f"{accuracy:.6f}", DIGEST_TAG: digest, GATE_TAG: "passed" if passed else "failed"}
     before = champion_of(client, name)
     same = identical_version(client, name, digest)
