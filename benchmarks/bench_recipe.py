@@ -76,6 +76,8 @@ PLAN = [
     ("re_ema", ["dropout=0.25", "erasing=0.5", "ema_decay=0.999"], 42),
     ("ls_ema", ["dropout=0.25", "label_smoothing=0.1", "ema_decay=0.999"], 42),
     ("do0_ls", ["dropout=0.0", "label_smoothing=0.1"], 42),
+    ("w3125_91", ["dropout=0.25", "label_smoothing=0.1", "width=0.3125", "image_size=91"], 42),
+    ("w3125_e21", ["dropout=0.25", "label_smoothing=0.1", "width=0.3125", "epochs=21"], 42),
 ]
 FINAL_SEEDS = (1, 2)
 
