@@ -165,6 +165,13 @@ def check_a_lowered_gate_decides_the_same_weights_again(workspace, ws_env) -> No
     assert [r.info.run_name for r in nested] == ["register: register.min_accuracy=0.0"]
     assert client.get_run(version.run_id).info.status == "FINISHED"  # version 2's own run is untouched
 
+    # no accuracy beats a constant answer at significance 0: the same weights fail the gate again
+    run([dvc, "exp", "run", "-S", "register.significance=0.0"], workspace, ws_env)
+    record = json.loads((workspace / "reports" / "fashion-mnist" / "register.json").read_text())
+    assert (record["version"], record["alias"], record["significance"]) == ("2", "challenger", 0.0)
+    assert "for every image" in record["reason"] and "register.significance 0" in record["reason"]
+    assert registry(ws_env).get_model_version("alexnet-fashion-mnist", "2").tags["gate"] == "failed"
+
 
 def check_push_then_pull_into_a_fresh_clone(workspace, ws_env, clone) -> None:
     dvc = f"{VENV_BIN}/dvc"

@@ -216,6 +216,22 @@ def test_a_stale_alias_write_is_corrected_by_the_next_settle(tmp_path):
     assert str(client.get_model_version_by_alias("m", register.CHAMPION).version) == "1"
 
 
+def test_a_champion_that_fails_the_gate_on_a_new_decision_loses_the_alias(tmp_path):
+    """Its weights decided again (say, under a stricter gate) and no version passing: @champion
+    goes, rather than keep serving a version whose gate tag says failed."""
+    client = client_for(f"sqlite:///{tmp_path}/mlflow.db")
+    client.create_registered_model("m")
+    with mlflow.start_run() as run:
+        mlflow.log_text("w", "model/model.onnx")
+    version = client.create_model_version("m", f"runs:/{run.info.run_id}/model", run.info.run_id)
+    client.set_model_version_tag("m", version.version, "accuracy", "0.5")
+    client.set_model_version_tag("m", version.version, register.GATE_TAG, "passed")
+    assert str(register.settle_champion(client, "m").version) == "1"
+    client.set_model_version_tag("m", version.version, register.GATE_TAG, "failed")
+    assert register.settle_champion(client, "m") is None
+    assert register.CHAMPION not in client.get_registered_model("m").aliases
+
+
 @pytest.mark.parametrize("shell", ["/bin/bash", "/bin/sh"])
 def test_sigterm_to_dvc_alone_stops_its_stage_too(workspace, ws_env, shell, tmp_path):
     """`docker stop`, Kubernetes and systemd's main-process mode signal dvc only, which dies without

@@ -167,7 +167,7 @@ def test_promotion_gate(new, parity, floor, champion, promote, named):
     [
         (9, 18, 1 / 3, False),  # 50% of 18 in three balanced classes: p = 0.11
         (11, 18, 1 / 3, True),  # p = 0.014
-        (10, 18, 1 / 2, False),  # two classes: above the 0.5 floor, p = 0.41
+        (10, 18, 1 / 2, False),  # two classes: 56% is above the 0.5 floor, p = 0.41
         (12, 18, 1 / 2, False),  # p = 0.12
         (13, 18, 1 / 2, True),  # p = 0.048
         (1100, 10000, 1 / 10, True),  # a large test set: 11% is already better than a constant answer
@@ -181,8 +181,16 @@ def test_the_gate_holds_back_an_accuracy_a_constant_answer_explains(right, test_
     assert promoted is promote
     if not promote:
         assert "'coat' for every image" in reason and "register.significance 0.05" in reason
+        assert ("one class only" in reason) is (majority == 1.0)
+    else:
+        assert "better than answering 'coat'" in reason
     off = register.Chance(test_images, "coat", majority, significance=1.0)
     assert register.decide(right / test_images, PARITY_OK, 0.0, None, off)[0]
+
+
+def test_an_evaluation_from_before_the_chance_check_is_one_clear_error():
+    with pytest.raises(params.AlexopsError, match=r"no 'majority_class'.*dvc repro evaluate"):
+        register.Chance.of({"accuracy": 0.9, "test_images": 10000}, 0.05)
 
 
 def test_evaluate_names_the_majority_class_and_what_answering_it_scores():

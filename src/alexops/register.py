@@ -3,7 +3,7 @@
 The promotion gate: a version passes when its ONNX parity check passed, its test accuracy
 is at least `register.min_accuracy`, and that accuracy is better than answering the test set's
 most common class for every image, by a one-sided binomial test at `register.significance`
-(which only a small test set can fail: 9 right of 18 in three balanced classes does).
+(a trained model fails it on a small test set: 9 right of 18 in three balanced classes does).
 `@champion` names the most accurate version that passed (the newest among equals), so a new
 version takes it only when it is at least as accurate as the champion; every other new version
 becomes `@challenger`. The decision and its reason go to `reports/<dataset>/register.json`,
@@ -61,6 +61,21 @@ class Chance:
     majority_class_accuracy: float
     significance: float
 
+    @classmethod
+    def of(cls, evaluation: dict, significance: float) -> Chance:
+        """From evaluate.json (`test_images`, `majority_class`, `majority_class_accuracy`)."""
+        try:
+            return cls(
+                int(evaluation["test_images"]),
+                str(evaluation["majority_class"]),
+                float(evaluation["majority_class_accuracy"]),
+                significance,
+            )
+        except KeyError as missing:
+            raise AlexopsError(
+                f"evaluate.json has no {missing} (written by an older evaluate). Fix: `dvc repro evaluate`"
+            ) from None
+
     def p_value(self, accuracy: float) -> float:
         """P(≥ this many right of `test_images`) for a model right with probability
         `majority_class_accuracy` per image: one-sided exact binomial test (scipy.stats.binomtest)."""
@@ -85,18 +100,28 @@ def decide(
         return False, f"ONNX parity check failed (max |diff| {worst:.1e})"
     if accuracy < min_accuracy:
         return False, f"accuracy {accuracy:.4f} < register.min_accuracy {min_accuracy:.4f}"
-    if chance is not None and (p := chance.p_value(accuracy)) > chance.significance:
-        return False, (
-            f"accuracy {accuracy:.4f} on {chance.test_images} test images is not better than answering "
-            f"{chance.majority_class!r} for every image ({chance.majority_class_accuracy:.4f}): binomial "
-            f"p = {p:.3f} > register.significance {chance.significance}. "
-            "Fix: more test images, or train longer"
-        )
+    beats = ""
+    if chance is not None:
+        p = chance.p_value(accuracy)
+        if p > chance.significance:
+            return False, not_better_than_chance(accuracy, chance, p)
+        beats = f", better than answering {chance.majority_class!r} every time (p = {p:.2g})"
     if champion_accuracy is None:
-        return True, f"no champion yet; parity ok, accuracy {accuracy:.4f} ≥ min {min_accuracy:.4f}"
+        return True, f"no champion yet; parity ok, accuracy {accuracy:.4f} ≥ min {min_accuracy:.4f}{beats}"
     if accuracy < champion_accuracy:
         return False, f"accuracy {accuracy:.4f} < champion's {champion_accuracy:.4f}"
-    return True, f"parity ok; accuracy {accuracy:.4f} ≥ champion's {champion_accuracy:.4f} and ≥ min"
+    return True, f"parity ok; accuracy {accuracy:.4f} ≥ champion's {champion_accuracy:.4f} and ≥ min{beats}"
+
+
+def not_better_than_chance(accuracy: float, chance: Chance, p: float) -> str:
+    said = (
+        f"accuracy {accuracy:.4f} on {chance.test_images} test images is not better than answering "
+        f"{chance.majority_class!r} for every image ({chance.majority_class_accuracy:.4f}): binomial "
+        f"p = {p:.3g} > register.significance {chance.significance:g}"
+    )
+    if chance.majority_class_accuracy >= 1.0:
+        return f"{said}; the test set holds one class only. Fix: test images of every class"
+    return f"{said}. Fix: more test images, train longer, or register.significance: 1.0 (no check)"
 
 
 def weights_digest(proto: onnx.ModelProto) -> str:
@@ -130,7 +155,11 @@ def run(params: Params, paths: Paths) -> None:
                 "decision": record["reason"],
             }
         )
-    record |= {"run_id": tracking.model_run_id(paths), "min_accuracy": params.register.min_accuracy}
+    record |= {
+        "run_id": tracking.model_run_id(paths),
+        "min_accuracy": params.register.min_accuracy,
+        "significance": params.register.significance,
+    }
     files.write_json(paths.reports / "register.json", record)
     alias = f"@{record['alias']}" if record["alias"] else "no alias"
     print(f"register: {name} version {record['version']} → {alias} ({record['reason']})")
@@ -144,12 +173,7 @@ def decide_version(
     name = model_name(params)
     accuracy = float(evaluation["accuracy"])
     digest = weights_digest(proto)
-    chance = Chance(
-        int(evaluation["test_images"]),
-        evaluation["majority_class"],
-        float(evaluation["majority_class_accuracy"]),
-        params.register.significance,
-    )
+    chance = Chance.of(evaluation, params.register.significance)
     passed, reason = decide(accuracy, parity_passed(export), params.register.min_accuracy, None, chance)
     tags = {"accuracy": f"{accuracy:.6f}", DIGEST_TAG: digest, GATE_TAG: "passed" if passed else "failed"}
     before = champion_of(client, name)
@@ -163,7 +187,7 @@ def decide_version(
     champion = settle_champion(client, name)
     alias = CHAMPION if champion is not None and str(champion.version) == version else CHALLENGER
     if passed:
-        reason = promotion_reason(accuracy, params.register.min_accuracy, before, champion, alias)
+        reason = promotion_reason(accuracy, params.register.min_accuracy, chance, before, champion, alias)
     if alias == CHALLENGER:
         client.set_registered_model_alias(name, CHALLENGER, version)
     client.set_model_version_tag(name, version, "decision", f"{alias}: {reason}")
@@ -180,6 +204,7 @@ def decide_version(
         "registered": same is None,
         "reason": reason,
         "accuracy": accuracy,
+        "chance_p_value": chance.p_value(accuracy),
         "previous_champion": None if before is None else str(before.version),
         "model_uri": f"models:/{name}/{version}",
         "int8_uri": int8_uri,
@@ -220,14 +245,16 @@ def identical_version(client, name: str, digest: str):
     return min(found, key=lambda v: int(v.version)) if found else None
 
 
-def promotion_reason(accuracy: float, min_accuracy: float, before, champion, alias: str) -> str:
+def promotion_reason(
+    accuracy: float, min_accuracy: float, chance: Chance, before, champion, alias: str
+) -> str:
     if alias == CHAMPION and before is not None and str(before.version) == str(champion.version):
         return f"parity ok; accuracy {accuracy:.4f} ≥ min {min_accuracy:.4f}; still the best that passed"
     if alias == CHALLENGER:  # passed the gate, but a better version holds @champion
         best = f"{accuracy_of(champion):.4f} (version {champion.version})"
         return f"accuracy {accuracy:.4f} < champion's {best}"
     rival = None if before is None else accuracy_of(before)
-    return decide(accuracy, (True, 0.0), min_accuracy, rival)[1]
+    return decide(accuracy, (True, 0.0), min_accuracy, rival, chance)[1]
 
 
 def accuracy_of(version) -> float:
@@ -271,7 +298,9 @@ def settle_champion(client, name: str):
     best = None
     for _ in range(SETTLE_ROUNDS):
         best = best_version(client, name)
-        if best is None:
+        if best is None:  # none passes (the champion itself failed since, or was retired): no alias
+            if champion_of(client, name) is not None:
+                client.delete_registered_model_alias(name, CHAMPION)
             return None
         current = champion_of(client, name)
         if current is not None and str(current.version) == str(best.version):

@@ -300,7 +300,8 @@ class ModelSource:
             f"{self.ref.uri}: {self.ref.name} has {held} but "
             f"none is @{self.ref.alias} (version {latest.version}: {decision}). Fix: serve one anyway with "
             f"--model-uri models:/{self.ref.name}/{latest.version}, or train a better model (a lower "
-            "register.min_accuracy lets the next register promote it)."
+            "register.min_accuracy, or for a small test set a higher register.significance, lets the next "
+            "register promote it)."
         )
 
     def _unreachable(self, exc: Exception) -> AlexopsError:
