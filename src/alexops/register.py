@@ -28,7 +28,6 @@ from onnx import numpy_helper
 
 from alexops import files, tracking
 from alexops.errors import AlexopsError
-from alexops.export import INPUT_NAME
 from alexops.params import Params
 from alexops.paths import Paths
 
@@ -356,6 +355,5 @@ def signature(proto: onnx.ModelProto):
 
 def example_input(proto: onnx.ModelProto) -> np.ndarray:
     """One zero image of the model's input shape (batch of 1)."""
-    graph_input = next(i for i in proto.graph.input if i.name == INPUT_NAME)
-    dims = [d.dim_value for d in graph_input.type.tensor_type.shape.dim]
+    dims = [d.dim_value for d in proto.graph.input[0].type.tensor_type.shape.dim]
     return np.zeros([1, *dims[1:]], dtype=np.float32)
