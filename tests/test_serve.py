@@ -541,6 +541,7 @@ def test_serve_names_a_model_the_registry_does_not_hold(registry, tmp_path):
     done = alexops("serve", "--model-uri", uri, "--port", "0", env=env, cwd=tmp_path)
     assert done.returncode == 2 and "Traceback" not in done.stderr
     assert "none is @nobody" in done.stderr and f"--model-uri models:/{REGISTERED}/" in done.stderr
+    assert f'make serve ARGS="--model-uri models:/{REGISTERED}/' in done.stderr  # the README's way in
 
 
 def test_hot_reload_under_concurrent_requests_fails_none(registry, models, images, tmp_path):

@@ -188,6 +188,20 @@ def test_the_gate_holds_back_an_accuracy_a_constant_answer_explains(right, test_
     assert register.decide(right / test_images, PARITY_OK, 0.0, None, off)[0]
 
 
+def test_every_passing_reason_says_what_the_chance_check_found():
+    """A champion decided again (its weights registered once more, or the gate rerun) keeps
+    @champion with a reason of its own: it repeats the chance check like a first promotion's."""
+    from mlflow.entities.model_registry import ModelVersion, ModelVersionTag
+
+    champion = ModelVersion("m", "2", 0, tags=[ModelVersionTag("accuracy", "0.6")])
+    chance = register.Chance(18, "coat", 1 / 3, significance=0.05)
+    again = register.promotion_reason(0.6, 0.5, chance, champion, champion, register.CHAMPION)
+    first = register.promotion_reason(0.6, 0.5, chance, None, champion, register.CHAMPION)
+    for reason in (again, first):
+        assert "better than answering 'coat' every time (p = 0.0" in reason
+    assert "still the best that passed" in again
+
+
 def test_an_evaluation_from_before_the_chance_check_is_one_clear_error():
     with pytest.raises(params.AlexopsError, match=r"no 'majority_class'.*dvc repro evaluate"):
         register.Chance.of({"accuracy": 0.9, "test_images": 10000}, 0.05)

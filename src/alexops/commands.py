@@ -112,10 +112,7 @@ def default_model_uri(params_path: Path) -> str:
     from alexops import params as params_module
     from alexops import register
 
-    params = params_module.load(params_path)
-    # the registered name used to be a param of its own
-    name = register.model_name(params) if hasattr(register, "model_name") else params.register.model_name
-    return f"models:/{name}@champion"
+    return f"models:/{register.model_name(params_module.load(params_path))}@champion"
 
 
 def _port(text: str) -> int:

@@ -104,12 +104,16 @@ def decide(
         p = chance.p_value(accuracy)
         if p > chance.significance:
             return False, not_better_than_chance(accuracy, chance, p)
-        beats = f", better than answering {chance.majority_class!r} every time (p = {p:.2g})"
+        beats = f", {better_than_chance(chance, p)}"
     if champion_accuracy is None:
         return True, f"no champion yet; parity ok, accuracy {accuracy:.4f} ≥ min {min_accuracy:.4f}{beats}"
     if accuracy < champion_accuracy:
         return False, f"accuracy {accuracy:.4f} < champion's {champion_accuracy:.4f}"
     return True, f"parity ok; accuracy {accuracy:.4f} ≥ champion's {champion_accuracy:.4f} and ≥ min{beats}"
+
+
+def better_than_chance(chance: Chance, p: float) -> str:
+    return f"better than answering {chance.majority_class!r} every time (p = {p:.2g})"
 
 
 def not_better_than_chance(accuracy: float, chance: Chance, p: float) -> str:
@@ -248,7 +252,9 @@ def promotion_reason(
     accuracy: float, min_accuracy: float, chance: Chance, before, champion, alias: str
 ) -> str:
     if alias == CHAMPION and before is not None and str(before.version) == str(champion.version):
-        return f"parity ok; accuracy {accuracy:.4f} ≥ min {min_accuracy:.4f}; still the best that passed"
+        beats = better_than_chance(chance, chance.p_value(accuracy))
+        floor = f"accuracy {accuracy:.4f} ≥ min {min_accuracy:.4f}"
+        return f"parity ok; {floor}, {beats}; still the best that passed"
     if alias == CHALLENGER:  # passed the gate, but a better version holds @champion
         best = f"{accuracy_of(champion):.4f} (version {champion.version})"
         return f"accuracy {accuracy:.4f} < champion's {best}"

@@ -299,7 +299,8 @@ class ModelSource:
         return AlexopsError(
             f"{self.ref.uri}: {self.ref.name} has {held} but "
             f"none is @{self.ref.alias} (version {latest.version}: {decision}). Fix: serve one anyway with "
-            f"--model-uri models:/{self.ref.name}/{latest.version}, or train a better model (a lower "
+            f'--model-uri models:/{self.ref.name}/{latest.version} (`make serve ARGS="--model-uri '
+            f'models:/{self.ref.name}/{latest.version}"`), or train a better model (a lower '
             "register.min_accuracy, or for a small test set a higher register.significance, lets the next "
             "register promote it)."
         )
