@@ -200,6 +200,8 @@ def test_every_passing_reason_says_what_the_chance_check_found():
     for reason in (again, first):
         assert "better than answering 'coat' every time (p = 0.0" in reason
     assert "still the best that passed" in again
+    large = register.Chance(10000, "coat", 0.1, significance=0.05)
+    assert register.decide(0.92, PARITY_OK, 0.5, None, large)[1].endswith("every time (p < 0.0001)")
 
 
 def test_an_evaluation_from_before_the_chance_check_is_one_clear_error():

@@ -113,7 +113,8 @@ def decide(
 
 
 def better_than_chance(chance: Chance, p: float) -> str:
-    return f"better than answering {chance.majority_class!r} every time (p = {p:.2g})"
+    shown = f"p = {p:.2g}" if p >= 1e-4 else "p < 0.0001"  # 92% of 10,000 against 10%: p is 0.0 in float
+    return f"better than answering {chance.majority_class!r} every time ({shown})"
 
 
 def not_better_than_chance(accuracy: float, chance: Chance, p: float) -> str:
