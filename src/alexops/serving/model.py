@@ -296,11 +296,12 @@ class ModelSource:
         decision = latest.tags.get("decision", "no decision recorded")
         first = versions[0].version
         held = f"versions {first}-{latest.version}" if len(versions) > 1 else f"version {first}"
+        version_uri = f"models:/{self.ref.name}/{latest.version}"
         return AlexopsError(
             f"{self.ref.uri}: {self.ref.name} has {held} but "
-            f"none is @{self.ref.alias} (version {latest.version}: {decision}). Fix: serve one anyway with "
-            f'--model-uri models:/{self.ref.name}/{latest.version} (`make serve ARGS="--model-uri '
-            f'models:/{self.ref.name}/{latest.version}"`), or train a better model (a lower '
+            f"none is @{self.ref.alias} (version {latest.version}: {decision}). Fix: name one anyway, "
+            f'--model-uri {version_uri} (with make: `make serve ARGS="--model-uri {version_uri}"`), '
+            "or train a better model (a lower "
             "register.min_accuracy, or for a small test set a higher register.significance, lets the next "
             "register promote it)."
         )
