@@ -256,3 +256,17 @@ def test_git_dirty_ignores_what_the_pipeline_writes_but_not_code_or_params(tmp_p
         (tmp_path / edited).write_text("edited\n")
         assert tracking.lineage_tags(tmp_path)["git.dirty"] == "true"
         git("checkout", edited)
+
+
+def test_make_runs_headline_is_three_short_lines():
+    from alexops.summary import headline
+
+    evaluation = {"accuracy": 0.9236, "accuracy_center_crop": 0.917, "ten_crop": True}
+    record = {"model_name": "alexnet-shoes", "version": "3", "alias": "challenger"}
+    record["reason"] = "accuracy 0.4 < 0.5"
+    lines = headline("shoes", evaluation, record).split("\n")
+    assert lines[0] == "shoes: test accuracy 0.9236 (10-crop), 0.9170 (centre crop)"
+    assert lines[1] == "registered alexnet-shoes version 3 as @challenger: accuracy 0.4 < 0.5"
+    assert "dvc metrics show" in lines[2] and "reports/shoes" in lines[2]
+    centre = headline("shoes", evaluation | {"accuracy": 0.917, "ten_crop": False}, record).split("\n")[0]
+    assert centre == "shoes: test accuracy 0.9170 (centre crop)"
