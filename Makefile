@@ -41,7 +41,6 @@ run: install
 	else \
 	  PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/dvc repro; \
 	fi
-	@PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/dvc metrics show
 	@$(BIN)/python -m alexops.summary
 
 flow: install mirror
