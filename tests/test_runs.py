@@ -216,6 +216,36 @@ def test_a_stale_alias_write_is_corrected_by_the_next_settle(tmp_path):
     assert str(client.get_model_version_by_alias("m", register.CHAMPION).version) == "1"
 
 
+def test_a_register_that_loses_the_race_to_create_champion_settles_it_anyway(tmp_path):
+    """Another register (another machine) inserts the @champion row between this one's read and
+    its write: MLflow's SQL store then refuses this insert on the alias's unique key. That is a
+    lost race, not a failure: the alias ends on the best version all the same."""
+    import sqlite3
+    import threading
+
+    db = tmp_path / "mlflow.db"
+    client = client_for(f"sqlite:///{db}")
+    client.create_registered_model("m")
+    with mlflow.start_run() as run:
+        mlflow.log_text("w", "model/model.onnx")
+    for accuracy in (0.8, 0.9):
+        version = client.create_model_version("m", f"runs:/{run.info.run_id}/model", run.info.run_id)
+        client.set_model_version_tag("m", version.version, "accuracy", str(accuracy))
+        client.set_model_version_tag("m", version.version, register.GATE_TAG, "passed")
+    other = sqlite3.connect(db, isolation_level=None)  # the other register, its write not committed yet
+    other.execute("BEGIN IMMEDIATE")
+    other.execute("INSERT INTO registered_model_aliases (workspace, name, alias, version) "
+                  "VALUES ('default', 'm', 'champion', 1)")  # fmt: skip
+    settled = {}
+    this = threading.Thread(target=lambda: settled.update(best=register.settle_champion(client, "m")))
+    this.start()
+    time.sleep(1)  # this register has read no alias and waits on the other's write lock
+    other.execute("COMMIT")
+    this.join()
+    assert str(settled["best"].version) == "2"
+    assert str(client.get_model_version_by_alias("m", register.CHAMPION).version) == "2"
+
+
 def test_a_champion_that_fails_the_gate_on_a_new_decision_loses_the_alias(tmp_path):
     """Its weights decided again (say, under a stricter gate) and no version passing: @champion
     goes, rather than keep serving a version whose gate tag says failed."""

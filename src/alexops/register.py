@@ -311,8 +311,21 @@ def settle_champion(client, name: str):
         current = champion_of(client, name)
         if current is not None and str(current.version) == str(best.version):
             return best
-        client.set_registered_model_alias(name, CHAMPION, best.version)
+        set_champion(client, name, best.version, was_set=current is not None)
     return best
+
+
+def set_champion(client, name: str, version: str, was_set: bool) -> None:
+    """@champion → version. Two registers that both find no alias both insert one, and the SQL
+    store's unique key refuses the second: that one lost a race, not failed; the next round of
+    `settle_champion` re-reads the alias and corrects it if need be."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        client.set_registered_model_alias(name, CHAMPION, version)
+    except MlflowException:
+        if was_set or champion_of(client, name) is None:
+            raise
 
 
 def attach_int8(mlflow, client, paths: Paths, name: str, version: str) -> str | None:
