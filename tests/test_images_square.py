@@ -50,15 +50,59 @@ def test_one_channel_and_three_channels_agree():
     assert one.shape == (1, 40, 40) and np.array_equal(three[0], one[0]) and np.array_equal(three[2], one[0])
 
 
-def test_draft_decodes_a_large_jpeg_at_a_dct_scale_never_below_the_size():
+@pytest.mark.parametrize(
+    "draft, shape",
+    [
+        (100, (192, 256)),  # 2/8: 1/8 would make the short side 96 < 100
+        (113, (192, 256)),
+        (200, (288, 384)),  # 3/8: Pillow's own draft has no scale between 1/4 and 1/2
+        (500, (576, 768)),  # 6/8
+        (700, (768, 1024)),  # 8/8: 7/8 would make it 672 < 700
+        (2000, (768, 1024)),  # never above the stored size
+    ],
+)
+def test_draft_decodes_a_jpeg_at_the_smallest_dct_scale_not_below_the_size(draft, shape):
     data = jpeg(gradient(768, 1024))
-    full = images.read(data, 3)
-    drafted = images.read(data, 3, draft=100)
-    assert full.colour.shape == (3, 768, 1024)
-    assert drafted.colour.shape == (3, 192, 256)  # 1/4: 1/8 would make the short side 96 < 100
-    assert images.read(data, 3, draft=500).colour.shape == (3, 768, 1024)  # 1/2 would be 384 < 500
-    gray = images.read(data, 1, draft=100)
-    assert gray.colour.shape == (1, 192, 256)  # straight from the luma plane
+    assert images.read(data, 3).colour.shape == (3, 768, 1024)
+    assert images.read(data, 3, draft=draft).colour.shape == (3, *shape)
+    assert images.read(data, 1, draft=draft).colour.shape == (1, *shape)  # straight from the luma plane
+
+
+@pytest.mark.parametrize("progressive", [False, True])
+@pytest.mark.parametrize("subsampling", [0, 2])  # 4:4:4 and 4:2:0 chroma
+def test_a_drafted_jpeg_shows_what_pillows_full_decode_shows(progressive, subsampling):
+    """The scaled decode is a smaller picture of the same image: the full decode, squared to the
+    same size, differs by the two resampling paths' rounding and ringing only."""
+    data = jpeg(gradient(375, 500), quality=90, progressive=progressive, subsampling=subsampling)
+    for channels in (1, 3):
+        drafted = images.read(data, channels, draft=113, square_opaque=True).colour.astype(int)
+        full = images.square(images.read(data, channels).colour, 113).astype(int)
+        assert drafted.shape == full.shape == (channels, 113, 113)
+        assert np.abs(drafted - full).mean() < 1.0 and np.abs(drafted - full).max() <= 12
+
+
+@pytest.mark.parametrize("orientation", range(1, 9))
+def test_a_drafted_jpeg_is_turned_upright_for_every_exif_orientation(orientation):
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    data = jpeg(gradient(480, 640), exif=exif.tobytes())
+    upright = images.read(data, 3).colour  # Pillow's full decode, `exif_transpose`d
+    drafted = images.read(data, 3, draft=100).colour  # 2/8 scale: 120 × 160 stored
+    assert drafted.shape[1:] == tuple(side // 4 for side in upright.shape[1:])
+    expected = upright.reshape(3, drafted.shape[1], 4, drafted.shape[2], 4).mean(axis=(2, 4))
+    assert np.abs(drafted - expected).max() <= 6
+
+
+@pytest.mark.parametrize("keep", [0.3, 0.6, 0.9])
+@pytest.mark.parametrize("progressive", [False, True])
+def test_a_truncated_jpeg_is_refused_with_a_draft_as_without(keep, progressive):
+    noise = np.random.default_rng(0).integers(0, 256, (300, 400, 3), dtype=np.uint8)
+    data = jpeg(noise, progressive=progressive)
+    cut = data[: int(len(data) * keep)]
+    for draft in (0, 113):
+        with pytest.raises(images.ImageError) as refused:
+            images.read(cut, 3, draft=draft)
+        assert refused.value.reason == "corrupt_image" and "truncated" in str(refused.value)
 
 
 def test_draft_leaves_other_formats_alone():
