@@ -118,15 +118,18 @@ def list_source(path: Path) -> list[Member]:
 def list_folder(root: Path) -> list[Member]:
     """Every file under `root`, links to files followed, directories linked to not entered."""
     members = []
-    for directory, subdirs, names in os.walk(root):
+    top = str(root)
+    # plain strings, not Path objects: a folder of 100,000 photos is listed in a fraction of the time
+    for directory, subdirs, names in os.walk(top):
         subdirs.sort()
-        if directory != str(root):
-            members.append(Member(Path(directory).relative_to(root).as_posix() + "/", 0))
+        inside = os.path.relpath(directory, top)
+        prefix = "" if inside == "." else inside.replace(os.sep, "/") + "/"
+        if prefix:
+            members.append(Member(prefix, 0))
         for name in sorted(names):
-            path = Path(directory, name)
-            relative = path.relative_to(root).as_posix()
+            path, relative = os.path.join(directory, name), prefix + name
             try:
-                info = path.stat()  # follows a link
+                info = os.stat(path)  # follows a link
             except OSError as exc:
                 members.append(Member(relative, 0, path, f"unreadable ({exc.strerror})"))
                 continue
@@ -295,7 +298,8 @@ _open_zips: dict[str, zipfile.ZipFile] = {}  # one handle per worker process and
 def read_member(source: Source, member: Member) -> bytes:
     """A member's bytes (not for tar.gz, whose members come from `stream_tar`)."""
     if source.kind == "folder":
-        return Path(member.ref).read_bytes()
+        with open(member.ref, "rb") as stream:
+            return stream.read()
     if source.kind == "tar":
         offset, size = member.ref
         with open(source.path, "rb") as stream:
