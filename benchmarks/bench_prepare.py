@@ -464,7 +464,7 @@ def main() -> None:
     p.add_argument("--sizes", type=int, nargs="+", default=[113, 256], help="cache sides, px")
     p.add_argument("--photos", nargs="+", default=["500x375", "1600x1200"],
                    help="photo sizes, WxH: ImageNet's typical photo, and a small camera's")  # fmt: skip
-    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--rounds", type=int, default=5)
     p = sub.add_parser("equivalence")
     p.add_argument("--epochs", type=int, default=0, help="0: params.yaml's train.epochs (the default recipe)")
     p = sub.add_parser("scale")
