@@ -253,11 +253,12 @@ def test_bad_files_stop_prepare_naming_each_and_the_fix(tmp_path, awkward_folder
     message = str(caught.value)
     assert "3 problem(s) in dataset shapes" in message and "\n" not in message
     for bad in (
-        "circle/truncated.jpg (corrupt_image: the file could not be decoded",
-        "circle/empty.png (empty: the file is empty (0 bytes).)",
-        "triangle/notes.txt (not_an_image: the file is not an image",
+        "circle/truncated.jpg (corrupt_image): the file could not be decoded",
+        "circle/empty.png (empty): the file is empty (0 bytes); ",
+        "triangle/notes.txt (not_an_image): the file is not an image",
     ):
         assert bad in message
+    assert "(truncated or corrupt file?); " in message  # a detail's own stop, not ".)." after it
     assert message.count("circle/empty.png") == 1  # named once, not again inside its detail
     assert "prepare.bad_files: skip" in message
     assert len(report(paths)["problems"]) == 3
@@ -286,7 +287,7 @@ def test_an_empty_class_folder_stops_prepare_before_decoding(tmp_path, awkward_f
     assert (paths.raw / "files" / "hexagon").is_dir()  # the copy keeps the empty class folder
     with pytest.raises(AlexopsError) as caught:
         prepare.run(loaded, paths)
-    assert "hexagon/ (empty_class: no image in the class folder)" in str(caught.value)
+    assert "hexagon/ (empty_class): no image in the class folder. Fix:" in str(caught.value)
     assert report(paths)["problems"] == [
         {"path": "hexagon/", "reason": "empty_class", "detail": "no image in the class folder"}
     ]
@@ -332,7 +333,7 @@ def test_duplicates_across_train_and_test_are_reported_and_skipped(tmp_path):
     copy = (source / "train" / "square" / "001.jpg").read_bytes()
     (source / "test" / "square" / "twin.jpg").write_bytes(copy)
     with pytest.raises(
-        AlexopsError, match=r"test/square/twin\.jpg \(duplicate: the same bytes as train/square/001\.jpg\)"
+        AlexopsError, match=r"test/square/twin\.jpg \(duplicate\): the same bytes as train/square/001\.jpg\. "
     ):
         fetched_and_prepared(tmp_path / "a", declared(source))
     paths = fetched_and_prepared(tmp_path / "b", declared(source, prepare_opts={"bad_files": "skip"}))

@@ -116,7 +116,10 @@ def keep_classes_with_images(decoded: datasets.Decoded) -> tuple[tuple[str, ...]
 
 
 def problem_message(params: Params, paths: Paths, problems: list[dict]) -> str:
-    shown = "; ".join(f"{p['path']} ({p['reason']}: {p['detail']})" for p in problems[:SHOWN_PROBLEMS])
+    # "path (reason): detail": a detail ends its own sentence, and its brackets stay its own
+    shown = "; ".join(
+        f"{p['path']} ({p['reason']}): {p['detail'].rstrip('.')}" for p in problems[:SHOWN_PROBLEMS]
+    )
     more = f"; and {len(problems) - SHOWN_PROBLEMS} more" if len(problems) > SHOWN_PROBLEMS else ""
     return (
         f"{len(problems)} problem(s) in dataset {params.base.dataset}: {shown}{more}. Fix: remove or "
