@@ -40,6 +40,8 @@ ABLATION = [
     # at 99 px does; at 99 px it costs ×1.3-1.4, so 21 epochs take about the 30 epochs' time
     ("w3125_91", "raw", "w3125_91", 5, "width 0.3125 at 91 px"),
     ("w3125_e21", "raw", "w3125", 5, "width 0.3125, 21 epochs"),
+    # the optimiser's weight decay, not the step's arithmetic: the step of row 5 (do25's)
+    ("wd1e4_ls", "raw", "do25", 5, "weight decay 0.0001 (the paper's 0.0005)"),
 ]
 
 
