@@ -116,7 +116,7 @@ def keep_classes_with_images(decoded: datasets.Decoded) -> tuple[tuple[str, ...]
 
 
 def problem_message(params: Params, paths: Paths, problems: list[dict]) -> str:
-    # "path (reason): detail": a detail ends its own sentence, and its brackets stay its own
+    # "path (reason): detail", without the detail's own full stop: ours follows it
     shown = "; ".join(
         f"{p['path']} ({p['reason']}): {p['detail'].rstrip('.')}" for p in problems[:SHOWN_PROBLEMS]
     )
