@@ -65,6 +65,9 @@ def test_a_folder_dataset_trains_registers_and_serves_its_class_names(workspace,
     run_data = registry(ws_env).get_run(record["run_id"]).data
     assert json.loads(run_data.tags["dataset.classes"]) == list(CLASSES)
     assert run_data.params["datasets.shapes.source"] == "datasets/shapes"
+    # the test set its accuracy is on: a later version on changed data says it compares unlike sets
+    version = registry(ws_env).get_model_version("alexnet-shapes", "1")
+    assert version.tags["data.prepared"] == run_data.tags["dvc.prepare.data/prepared/shapes"]
     experiment = registry(ws_env).get_experiment(
         registry(ws_env).get_run(record["run_id"]).info.experiment_id
     )

@@ -35,6 +35,7 @@ CHAMPION = "champion"
 CHALLENGER = "challenger"
 DIGEST_TAG = "model.sha256"
 GATE_TAG = "gate"  # "passed" | "failed"
+DATA_TAG = "data.prepared"  # dvc.lock's hash of the prepared data: the test set the accuracy is on
 SETTLE_ROUNDS = 5  # set-then-verify rounds; each concurrent register can move the alias at most once
 
 
@@ -180,6 +181,9 @@ def decide_version(
     chance = Chance.of(evaluation, params.register.significance)
     passed, reason = decide(accuracy, parity_passed(export), params.register.min_accuracy, None, chance)
     tags = {"accuracy": f"{accuracy:.6f}", DIGEST_TAG: digest, GATE_TAG: "passed" if passed else "failed"}
+    data = tracking.data_hash(paths)
+    if data:
+        tags[DATA_TAG] = data
     before = champion_of(client, name)
     same = identical_version(client, name, digest)
     if same is None:
@@ -191,7 +195,9 @@ def decide_version(
     champion = settle_champion(client, name)
     alias = CHAMPION if champion is not None and str(champion.version) == version else CHALLENGER
     if passed:
-        reason = promotion_reason(accuracy, params.register.min_accuracy, chance, before, champion, alias)
+        reason = promotion_reason(
+            accuracy, params.register.min_accuracy, chance, before, champion, alias, data
+        )
     if alias == CHALLENGER:
         client.set_registered_model_alias(name, CHALLENGER, version)
     client.set_model_version_tag(name, version, "decision", f"{alias}: {reason}")
@@ -250,17 +256,29 @@ def identical_version(client, name: str, digest: str):
 
 
 def promotion_reason(
-    accuracy: float, min_accuracy: float, chance: Chance, before, champion, alias: str
+    accuracy: float, min_accuracy: float, chance: Chance, before, champion, alias: str, data=None
 ) -> str:
+    """Why a version that passed the gate holds its alias. `data`: its DATA_TAG, so that a
+    champion whose accuracy was measured on another test set is said to be."""
     if alias == CHAMPION and before is not None and str(before.version) == str(champion.version):
         beats = better_than_chance(chance, chance.p_value(accuracy))
         floor = f"accuracy {accuracy:.4f} ≥ min {min_accuracy:.4f}"
         return f"parity ok; {floor}, {beats}; still the best that passed"
     if alias == CHALLENGER:  # passed the gate, but a better version holds @champion
-        best = f"{accuracy_of(champion):.4f} (version {champion.version})"
+        other = ", tested on other data" if on_other_data(champion, data) else ""
+        best = f"{accuracy_of(champion):.4f} (version {champion.version}{other})"
         return f"accuracy {accuracy:.4f} < champion's {best}"
     rival = None if before is None else accuracy_of(before)
-    return decide(accuracy, (True, 0.0), min_accuracy, rival, chance)[1]
+    reason = decide(accuracy, (True, 0.0), min_accuracy, rival, chance)[1]
+    if before is not None and on_other_data(before, data):
+        reason += f"; version {before.version} was tested on other data"
+    return reason
+
+
+def on_other_data(version, data: str | None) -> bool:
+    """Whether `version` recorded a test set (DATA_TAG) other than `data`; unknown: False."""
+    theirs = version.tags.get(DATA_TAG)
+    return bool(data and theirs and theirs != data)
 
 
 def accuracy_of(version) -> float:
