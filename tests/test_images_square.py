@@ -93,6 +93,21 @@ def test_a_drafted_jpeg_is_turned_upright_for_every_exif_orientation(orientation
     assert np.abs(drafted - expected).max() <= 6
 
 
+def test_a_phones_mpo_is_drafted_from_its_first_frame_and_turned_upright():
+    """A phone's MPO (a JPEG with a second frame after it): the scaled decode reads the first
+    frame and its EXIF orientation, as Pillow's full decode does."""
+    stored = np.zeros((480, 640, 3), dtype=np.uint8)
+    stored[:, :320, 0] = 255  # the left half red: upright (orientation 6, 90° clockwise), the top half
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    buffer = io.BytesIO()
+    first, second = Image.fromarray(stored), Image.fromarray(255 - stored)
+    first.save(buffer, "MPO", save_all=True, append_images=[second], exif=exif.tobytes())
+    drafted = images.read(buffer.getvalue(), 3, draft=100).colour
+    assert drafted.shape == (3, 160, 120)
+    assert drafted[0, :70].min() > 200 and drafted[0, 90:].max() < 50 and drafted[1].max() < 50
+
+
 @pytest.mark.parametrize("keep", [0.3, 0.6, 0.9])
 @pytest.mark.parametrize("progressive", [False, True])
 def test_a_truncated_jpeg_is_refused_with_a_draft_as_without(keep, progressive):
