@@ -451,6 +451,83 @@ def stream(args) -> dict:
     return result
 
 
+def synthetic_cache(path: Path, count: int, side: int) -> np.ndarray:
+    """A memory-mapped cache file of `count` random 3×side×side uint8 images (flushed: in the page
+    cache, clean), the layout prepare writes."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    mapped = np.lib.format.open_memmap(path, mode="w+", dtype=np.uint8, shape=(count, 3, side, side))
+    block = np.random.default_rng(0).integers(0, 256, (min(count, 256), 3, side, side), dtype=np.uint8)
+    for start in range(0, count, len(block)):
+        mapped[start : start + len(block)] = block[: count - start]
+    mapped.flush()
+    return np.load(path, mmap_mode="r")
+
+
+def stream_loop(args) -> dict:
+    """The training loop itself (train.train_epoch, the `paper` preset's step) on `args.device`: one
+    epoch with the images streamed from a memory-mapped cache, one with them resident on the
+    device, and the same number of steps on one fixed augmented batch (the model alone), in turns.
+    The data share is the part of an epoch's time the model alone does not account for."""
+    from alexops import presets
+
+    device = torch.device(args.device)
+    section = {k.removeprefix("train."): v for k, v in presets.overrides("paper").items()}
+    section |= {"epochs": 1, "compile": args.compile, "image_size": args.image_size, "width": args.width}
+    opts = params.from_dict({"train": section}).train
+    side = augment.Recipe.create(opts.image_size, opts.resize_ratio, [0.5] * 3, [0.25] * 3).resize
+    mapped = synthetic_cache(Path(args.work) / "stream-loop" / cache.IMAGES, args.images, side)
+    labels = torch.randint(0, 10, (args.images,), generator=torch.Generator().manual_seed(0)).to(device)
+    stats = {"mean": [0.5] * 3, "std": [0.25] * 3, "eigval": [0.1, 0.01, 0.001], "eigvec": np.eye(3).tolist(),
+             "image_shape": [3, side, side], "classes": list("abcdefghij")}  # fmt: skip
+    torch.manual_seed(0)
+    session = train.build(opts, stats, device)
+    model = torch.compile(session.model) if opts.compile else session.model
+    streamed = cache.CachedImages(mapped, np.arange(args.images), device)
+    resident = torch.from_numpy(np.array(mapped)).to(device)
+    x, y = train.first_batch(session, resident, labels, opts, 0)
+    steps = args.images // opts.batch_size
+    amp = train.autocast_enabled(device, opts)
+
+    def timed(run) -> float:
+        sync_device(device)
+        started = time.perf_counter()
+        run()
+        sync_device(device)
+        return time.perf_counter() - started
+
+    def epoch(images):
+        return lambda: train.train_epoch(model, session, images, labels, opts, 1, 0, train.Progress())
+
+    def model_alone():
+        for i in range(steps):
+            train.train_step(model, session, x, y, opts, amp, i)
+
+    runs = {"streamed": epoch(streamed), "resident": epoch(resident), "model alone": model_alone}
+    for run in runs.values():  # warm-up: compilation, cuDNN's choice of kernels, the page cache
+        run()
+    seconds = {name: [] for name in runs}
+    for _ in range(args.rounds):
+        for name, run in runs.items():
+            seconds[name].append(timed(run))
+    median = {name: statistics.median(times) for name, times in seconds.items()}
+    result = {
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu, {WORKERS} cores",
+        "torch": torch.__version__, "cache_shape": list(mapped.shape), "cache_gib": mapped.nbytes / 2**30,
+        "image_size": opts.image_size, "width": opts.width, "batch_size": opts.batch_size, "amp": amp,
+        "compile": opts.compile, "steps_per_epoch": steps, "read_ahead": cache.READ_AHEAD,
+        "seconds_by_round": seconds,
+        "img_per_s": {name: steps * opts.batch_size / t for name, t in median.items()},
+        "data_share": {name: 1 - median["model alone"] / median[name] for name in ("streamed", "resident")},
+    }  # fmt: skip
+    print(json.dumps({k: result[k] for k in ("img_per_s", "data_share")}, indent=1))
+    return result
+
+
+def sync_device(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 # ---- main ---------------------------------------------------------------------------------------
 
 
@@ -473,15 +550,24 @@ def main() -> None:
     p = sub.add_parser("stream")
     p.add_argument("--images", type=int, default=2000)
     p.add_argument("--steps", type=int, default=3)
+    p = sub.add_parser("stream-loop")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--images", type=int, default=20000, help="in the synthetic cache (20,000: 3.7 GiB)")
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--image-size", type=int, default=227)
+    p.add_argument("--width", type=float, default=1.0)
+    p.add_argument("--compile", action="store_true")
+    parser.add_argument("--out", type=Path, help="default: benchmarks/results/prepare-<mode>.json")
     args = parser.parse_args()
     result = {
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
         "machine": f"{platform.processor() or platform.machine()}, {WORKERS} cores",
         "date": time.strftime("%Y-%m-%d"),
-        **{"speed": speed, "equivalence": equivalence, "scale": scale, "stream": stream}[args.mode](args),
-    }
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    out = RESULTS / f"prepare-{args.mode}.json"
+        **{"speed": speed, "equivalence": equivalence, "scale": scale, "stream": stream,
+           "stream-loop": stream_loop}[args.mode](args),
+    }  # fmt: skip
+    out = args.out or RESULTS / f"prepare-{args.mode}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(result, indent=2) + "\n")
     os.replace(tmp, out)

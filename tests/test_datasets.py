@@ -468,6 +468,23 @@ def test_a_cache_beyond_the_memory_budget_is_read_batch_by_batch(tmp_path, monke
         cache.memory_budget()
 
 
+def test_batches_read_ahead_from_the_map_are_the_batches_indexing_gives(tmp_path):
+    path = tmp_path / cache.IMAGES
+    mapped = np.lib.format.open_memmap(path, mode="w+", dtype=np.uint8, shape=(50, 3, 4, 4))
+    mapped[:] = np.arange(mapped.size, dtype=np.int64).reshape(mapped.shape) % 251
+    rows = np.arange(10, 50)  # a split: rows of the file, not all of it
+    streamed = cache.CachedImages(np.load(path, mmap_mode="r"), rows)
+    in_memory = torch.from_numpy(np.array(mapped[rows]))
+    order = torch.randperm(len(rows), generator=torch.Generator().manual_seed(3))
+    got = list(cache.batches(streamed, order, batch_size=7, steps=5))
+    want = list(cache.batches(in_memory, order, batch_size=7, steps=5))
+    assert len(got) == 5 and all(torch.equal(a, b) for a, b in zip(got, want, strict=True))
+    assert torch.equal(got[1], in_memory[order[7:14]])
+    early = cache.batches(streamed, order, batch_size=7, steps=5)
+    next(early)
+    early.close()  # a loop that stops early (a diverged loss) waits for the reads under way, then ends
+
+
 def test_training_from_a_streamed_cache_gives_the_same_weights(tmp_path, monkeypatch):
     from alexops import train
 

@@ -93,12 +93,34 @@ def test_the_weight_average_of_a_short_run_follows_the_training_not_the_initial_
     update = train.ema_with_warmup(0.999, train.EMA_EVERY)
     averaged, trained = [torch.zeros(3)], [torch.ones(3)]
     for n in range(1, 26):
-        update(averaged, trained, torch.tensor(n))
+        update(averaged, trained, n)
     assert averaged[0].min() > 0.99
     # late in a run the warm-up is over: each update moves 1 - 0.999^EMA_EVERY of the way
     late = [torch.zeros(3)]
-    update(late, trained, torch.tensor(10_000))
+    update(late, trained, 10_000)
     assert torch.allclose(late[0], torch.full((3,), 1 - 0.999**train.EMA_EVERY))
+
+
+def test_the_weight_average_is_torchs_averaged_model_without_its_waits():
+    from torch.optim.swa_utils import AveragedModel
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(5, 4), torch.nn.ReLU(), torch.nn.Linear(4, 3))
+    theirs = AveragedModel(model, multi_avg_fn=train.ema_with_warmup(0.99, train.EMA_EVERY))
+    ours = train.WeightAverage(model, train.ema_with_warmup(0.99, train.EMA_EVERY))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    for _ in range(30):
+        optimizer.zero_grad()
+        model(torch.randn(8, 5)).pow(2).mean().backward()
+        optimizer.step()
+        theirs.update_parameters(model)
+        ours.update_parameters(model)
+    for got, want in zip(ours.module.parameters(), theirs.module.parameters(), strict=True):
+        assert torch.equal(got, want)
+    # the same state_dict: a checkpoint written with either reads back into the other
+    fresh = train.WeightAverage(model, train.ema_with_warmup(0.99, train.EMA_EVERY))
+    fresh.load_state_dict(theirs.state_dict())
+    assert int(fresh.n_averaged) == 30 and fresh.n_averaged.device.type == "cpu"
 
 
 def test_a_resumed_run_gets_its_weight_average_back(tmp_path):

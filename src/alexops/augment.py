@@ -118,9 +118,17 @@ def lighting_shift(x: torch.Tensor, lighting: Lighting, generator: torch.Generat
     return (alpha * lighting.eigval.to(x.device)) @ lighting.eigvec.to(x.device).T
 
 
+@functools.lru_cache(maxsize=64)
+def on_device(values: tuple[float, ...], device: torch.device) -> torch.Tensor:
+    """A recipe's per-channel constants as a float32 tensor on `device`, made once: a fresh
+    torch.tensor(..., device="cuda") per batch copies from pageable memory, which waits for
+    every kernel already queued on the GPU, and so stalls the training loop at every step."""
+    return torch.tensor(values, dtype=torch.float32, device=device)
+
+
 def normalised(x: torch.Tensor, recipe: Recipe) -> torch.Tensor:
-    mean = torch.tensor(recipe.mean, device=x.device).view(1, -1, 1, 1)
-    std = torch.tensor(recipe.std, device=x.device).view(1, -1, 1, 1)
+    mean = on_device(recipe.mean, x.device).view(1, -1, 1, 1)
+    std = on_device(recipe.std, x.device).view(1, -1, 1, 1)
     return (x - mean) / std
 
 
@@ -143,8 +151,8 @@ def train_batch(
         x = random_erasing(images.float().div_(255), erasing, generator)
         x = random_crops(x, recipe.resize, recipe.image_size, flip, generator)
     # lighting and normalisation in one pass: (x + shift - mean) / std = x·(1/std) + (shift - mean)/std
-    scale = 1 / torch.tensor(recipe.std, device=x.device)
-    bias = (lighting_shift(x, lighting, generator) - torch.tensor(recipe.mean, device=x.device)) * scale
+    scale = 1 / on_device(recipe.std, x.device)
+    bias = (lighting_shift(x, lighting, generator) - on_device(recipe.mean, x.device)) * scale
     return torch.addcmul(bias[:, :, None, None], x, scale[None, :, None, None])
 
 

@@ -17,10 +17,13 @@ the memory map; `take` makes the same choice for a subset (train's validation sp
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import re
 import tempfile
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,6 +36,7 @@ from alexops.errors import AlexopsError
 IMAGES = "images.npy"
 MEMORY_ENV = "ALEXOPS_DATA_MEMORY"  # bytes the data may take in memory, e.g. 2G; default: half the free RAM
 CHUNK_BYTES = 64 << 20  # reads and writes of the cache go in chunks this large
+READ_AHEAD = 2  # batches read ahead of training from a streamed cache (cache.batches)
 
 
 # ---- writing ------------------------------------------------------------------------------------
@@ -200,16 +204,17 @@ class CachedImages:
         return self[:]
 
     def _read(self, rows: np.ndarray) -> torch.Tensor:
+        """The images of `rows` on `self.device`, read from the map in file order (pages read once,
+        forwards) into pinned memory for CUDA, whose copy is then non-blocking on the current stream."""
+        order = np.argsort(rows, kind="stable")
+        shape = (len(rows), *self.mapped.shape[1:])
+        host = torch.empty(shape, dtype=torch.uint8, pin_memory=self.device.type == "cuda")
         if len(rows) and rows[-1] - rows[0] == len(rows) - 1 and (np.diff(rows) == 1).all():
-            batch = np.array(self.mapped[rows[0] : rows[-1] + 1])  # one sequential read
-        else:
-            order = np.argsort(rows, kind="stable")
-            batch = np.empty((len(rows), *self.mapped.shape[1:]), dtype=np.uint8)
-            batch[order] = self.mapped[rows[order]]  # in file order: pages read once, forwards
-        tensor = torch.from_numpy(batch)
-        if self.device.type == "cuda":
-            return tensor.pin_memory().to(self.device, non_blocking=True)
-        return tensor if self.device.type == "cpu" else tensor.to(self.device)
+            host.numpy()[:] = self.mapped[rows[0] : rows[-1] + 1]  # one sequential read
+            return host.to(self.device, non_blocking=True)
+        np.take(self.mapped, rows[order], axis=0, out=host.numpy())
+        batch = host.to(self.device, non_blocking=True)
+        return batch[torch.from_numpy(np.argsort(order)).to(self.device)]  # back to the asked order
 
 
 def _numpy_index(index) -> np.ndarray | slice:
@@ -231,6 +236,38 @@ def take(images: torch.Tensor | CachedImages, index: torch.Tensor) -> torch.Tens
         # consecutive rows: the map itself, read on first touch, shared with the page cache
         return torch.from_numpy(chosen.mapped[rows[0] : rows[-1] + 1])
     return chosen.materialize()
+
+
+def batches(images: torch.Tensor | CachedImages, order: torch.Tensor, batch_size: int, steps: int):
+    """images[order[i·batch_size : (i+1)·batch_size]] for i in range(steps), on the images' device.
+
+    A tensor is indexed as it is. `CachedImages` are read READ_AHEAD batches ahead on threads
+    while the caller trains on the current one, so that the reads from the map (and, for CUDA,
+    the copies to the device, on a side stream) overlap the steps before instead of stalling them.
+    """
+    if not isinstance(images, CachedImages):
+        yield from (images[order[i * batch_size : (i + 1) * batch_size]] for i in range(steps))
+        return
+    rows = order.cpu().numpy()  # copied once per epoch, not once per step
+    cuda = images.device.type == "cuda"
+    side = [torch.cuda.Stream(images.device) for _ in range(READ_AHEAD)] if cuda else [None] * READ_AHEAD
+
+    def read(i: int):
+        with torch.cuda.stream(side[i % READ_AHEAD]) if cuda else contextlib.nullcontext():
+            batch = images[rows[i * batch_size : (i + 1) * batch_size]]
+            return batch, side[i % READ_AHEAD].record_event() if cuda else None
+
+    with ThreadPoolExecutor(READ_AHEAD, thread_name_prefix="alexops-read") as reader:
+        pending = deque(reader.submit(read, i) for i in range(min(READ_AHEAD, steps)))
+        for i in range(steps):
+            batch, copied = pending.popleft().result()
+            if i + READ_AHEAD < steps:
+                pending.append(reader.submit(read, i + READ_AHEAD))
+            if cuda:  # the step waits for its batch's copy; the allocator learns who uses the memory
+                current = torch.cuda.current_stream(images.device)
+                current.wait_event(copied)
+                batch.record_stream(current)
+            yield batch
 
 
 def memory_budget() -> int:

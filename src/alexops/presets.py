@@ -32,16 +32,16 @@ PRESETS: dict[str, dict[str, object]] = {
     # the paper-size network (227 px, width 1.0, the paper's SGD, batch 128, weight decay and
     # augmentation) with the CPU defaults' He init and one-cycle schedule instead of N(0, 0.01)
     # and plateaus (out of the initial plateau in one epoch, not tens), plus label smoothing,
-    # random erasing and a weight average: measured only on the quarter-width CPU default, which
-    # underfits (erasing cost it 0.65 points; README, "What bought what"), untested at this size;
-    # bf16 where the hardware has it. `base.device` stays as params.yaml has it.
+    # random erasing and a weight average; bf16 where the hardware has it. On one H200: 50 epochs
+    # in 153 s of training for 94.10% on Fashion-MNIST (10-crop), 30 epochs 93.27% (README, "GPU").
+    # `base.device` stays as params.yaml has it.
     "paper": {
         "train.image_size": 227,
         "train.width": 1.0,
         "train.init": "kaiming",
         "train.schedule": "onecycle",
         "train.lr": 0.02,
-        "train.epochs": 30,
+        "train.epochs": 50,
         "train.batch_size": 128,
         "train.dropout": 0.5,
         "train.warmup_epochs": 0.0,

@@ -2,12 +2,14 @@
 
 A checkpoint is written after every epoch and deleted when training finishes; a rerun with the
 same params and data resumes from it (the crash case) instead of starting over. The whole dataset lives on the
-training device as uint8 (47 MB for Fashion-MNIST), so there is no DataLoader.
+training device as uint8 (47 MB for Fashion-MNIST), so there is no DataLoader; a cache beyond the
+memory budget is read from its memory map a few batches ahead of the step (`cache.batches`).
 """
 
 from __future__ import annotations
 
 import contextlib
+import copy
 import csv
 import hashlib
 import io
@@ -19,13 +21,12 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from torch.optim.swa_utils import AveragedModel
 from tqdm import tqdm
 
 from alexops import augment, distributed, figures, files, lrn, tracking
 from alexops import model as model_module
 from alexops import progress as progress_line
-from alexops.cache import take
+from alexops.cache import batches, take
 from alexops.errors import AlexopsError
 from alexops.evaluate import predict_probabilities
 from alexops.model import AlexNet, count_parameters, pick_device
@@ -100,7 +101,7 @@ class Session:
     device: torch.device
     world: distributed.World = distributed.ALONE
     # an exponential moving average of the weights (train.ema_decay > 0), else None
-    average: AveragedModel | None = None
+    average: WeightAverage | None = None
 
     @property
     def trained(self) -> torch.nn.Module:
@@ -135,7 +136,7 @@ def build(
     )
     average = None
     if opts.ema_decay > 0:  # AlexNet has no buffers (no batch norm): averaging the parameters is all
-        average = AveragedModel(model, multi_avg_fn=ema_with_warmup(opts.ema_decay, EMA_EVERY))
+        average = WeightAverage(model, ema_with_warmup(opts.ema_decay, EMA_EVERY))
     return Session(model, optimizer, recipe, lighting, config, device, world, average)
 
 
@@ -150,8 +151,36 @@ def augmented(session: Session, images: torch.Tensor, opts: TrainParams, generat
 EMA_EVERY = 4
 
 
+class WeightAverage(torch.nn.Module):
+    """An average of a model's parameters, kept in `module`, updated by `update_parameters`:
+    the first call copies them, call n ≥ 1 runs `update(averaged, current, n)` on the lists.
+
+    torch.optim.swa_utils.AveragedModel does the same but keeps its count as a tensor that it
+    tests and copies to the GPU at every update, and each of those waits for the GPU to finish
+    its queue; this count stays on the CPU. Its state_dict is AveragedModel's: `module.*` and
+    `n_averaged`, so checkpoints of either read back into the other.
+    """
+
+    def __init__(self, model: torch.nn.Module, update):
+        super().__init__()
+        self.module = copy.deepcopy(model)
+        self.register_buffer("n_averaged", torch.tensor(0, dtype=torch.long))  # on the CPU
+        self.update = update
+
+    @torch.no_grad()
+    def update_parameters(self, model: torch.nn.Module) -> None:
+        averaged = [p.detach() for p in self.module.parameters()]
+        current = [p.detach() for p in model.parameters()]
+        count = int(self.n_averaged)
+        if count == 0:
+            torch._foreach_copy_(averaged, current)
+        else:
+            self.update(averaged, current, count)
+        self.n_averaged += 1
+
+
 def ema_with_warmup(decay: float, every: int):
-    """The weight average's update (an AveragedModel `multi_avg_fn`), with TensorFlow's warm-up.
+    """The weight average's update (WeightAverage's `update`), with TensorFlow's warm-up.
 
     At training step s the per-step decay is min(decay, (1 + s) / (10 + s)), the schedule of
     tf.train.ExponentialMovingAverage with `num_updates`: early on the average covers about the
@@ -161,7 +190,7 @@ def ema_with_warmup(decay: float, every: int):
     """
 
     @torch.no_grad()
-    def update(averaged: list[torch.Tensor], current: list[torch.Tensor], num_averaged: torch.Tensor):
+    def update(averaged: list[torch.Tensor], current: list[torch.Tensor], num_averaged: int):
         step = int(num_averaged) * every  # update n is made at step n × every (update 0 copies)
         per_step = min(decay, (1 + step) / (10 + step))
         torch._foreach_lerp_(averaged, current, 1 - per_step**every)
@@ -331,13 +360,13 @@ def train_epoch(model, session: Session, images, labels, opts: TrainParams, epoc
         disable=not world.is_main,
     )
     started = time.perf_counter()
-    for step in bar:
+    for step, images_of_batch in zip(bar, batches(images, order, batch_size, steps), strict=True):
         index = (epoch - 1) * steps + step
         lr = lr_at(opts, index, total_steps, progress.plateau.scale)
         for group in optimizer.param_groups:
             group["lr"] = lr
         batch = order[step * batch_size : (step + 1) * batch_size]
-        x, y = augmented(session, images[batch], opts, generator), labels[batch]
+        x, y = augmented(session, images_of_batch, opts, generator), labels[batch]
         loss, logits = train_step(model, session, x, y, opts, amp, index)
         loss_sum += loss.detach() * len(y)
         correct += (logits.argmax(1) == y).sum()
