@@ -2,6 +2,7 @@
 # The one prepared run for a lent GPU (`make bench-gpu`; README, "Benchmarks"), under 10 minutes
 # on an H100/H200. Each step writes its JSON under $OUT (default benchmarks/results) as it
 # finishes and is bounded by its own timeout, so that a slow step cannot take the rest with it:
+#   0. the CUDA test of the streamed batches (tests/test_datasets.py)                   (≤ 60 s)
 #   1. LRN, ours vs nn.LocalResponseNorm, on CUDA                                    (≤ 45 s)
 #   2. training img/s of the `paper` preset (227 px, width 1.0, bf16, channels-last,
 #      torch.compile) against the seed recipe, and the share of a step spent in data  (≤ 150 s)
@@ -57,9 +58,13 @@ fi
 $PY -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'available', torch.cuda.is_available())"
 [ -d "$DATA" ] || echo "no dataset at $DATA: step 4 will fail (see the comment at the top)"
 
+# 0. the streamed batches arrive whole on the GPU (side streams, events, the allocator)
+step 60 env PYTHONPATH="src:${PYTHONPATH:-}" $PY -m pytest -q -p no:cacheprovider tests/test_datasets.py \
+  -k "streamed_to_the_gpu"
 # 1. LRN: ours vs nn.LocalResponseNorm
 step 45 $PY benchmarks/bench_lrn.py --device "$DEVICE" "${LRN[@]}" --out "$OUT/lrn-$TAG.json"
 # 2. throughput of the paper preset against the seed recipe at 227 px, data share included
+rm -f "$OUT/train-$TAG-paper.json"  # step 4 sizes its run from this file: never from an older one
 step 150 $PY benchmarks/bench_train.py --device "$DEVICE" --preset paper --compile "${STEPS[@]}" \
   "${SMALL[@]}" --out "$OUT/train-$TAG-paper.json"
 # 3. the data share of the training loop streaming from a memory-mapped cache

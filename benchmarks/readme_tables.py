@@ -310,7 +310,8 @@ def gpu_table() -> str:
         r = load(RESULTS / name)
         run = r["accuracy_run"]
         rows.append([
-            f"`paper` preset trained {len(run['history'])} epochs on Fashion-MNIST",
+            f"`paper` preset trained {len(run['history'])} epochs on Fashion-MNIST"
+            + (" (before)" if "30-epochs" in name else ""),
             f"**{pct(run['test_accuracy_ten_crop'])}** 10-crop, "
             f"{pct(run['test_accuracy_center_crop'])} centre, in {run['train_seconds']:.0f} s of training",
             f"{r['device']}, {rel(RESULTS / name)}",

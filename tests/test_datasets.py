@@ -468,21 +468,52 @@ def test_a_cache_beyond_the_memory_budget_is_read_batch_by_batch(tmp_path, monke
         cache.memory_budget()
 
 
-def test_batches_read_ahead_from_the_map_are_the_batches_indexing_gives(tmp_path):
+def mapped_cache(tmp_path, count: int = 50) -> tuple[cache.CachedImages, torch.Tensor]:
+    """A memory-mapped cache of `count` distinct 3×4×4 images and its rows 10.. as a split: (the
+    split streamed, the same images in memory)."""
     path = tmp_path / cache.IMAGES
-    mapped = np.lib.format.open_memmap(path, mode="w+", dtype=np.uint8, shape=(50, 3, 4, 4))
+    mapped = np.lib.format.open_memmap(path, mode="w+", dtype=np.uint8, shape=(count, 3, 4, 4))
     mapped[:] = np.arange(mapped.size, dtype=np.int64).reshape(mapped.shape) % 251
-    rows = np.arange(10, 50)  # a split: rows of the file, not all of it
-    streamed = cache.CachedImages(np.load(path, mmap_mode="r"), rows)
-    in_memory = torch.from_numpy(np.array(mapped[rows]))
-    order = torch.randperm(len(rows), generator=torch.Generator().manual_seed(3))
-    got = list(cache.batches(streamed, order, batch_size=7, steps=5))
-    want = list(cache.batches(in_memory, order, batch_size=7, steps=5))
-    assert len(got) == 5 and all(torch.equal(a, b) for a, b in zip(got, want, strict=True))
-    assert torch.equal(got[1], in_memory[order[7:14]])
-    early = cache.batches(streamed, order, batch_size=7, steps=5)
+    rows = np.arange(10, count)  # a split: rows of the file, not all of it
+    return cache.CachedImages(np.load(path, mmap_mode="r"), rows), torch.from_numpy(np.array(mapped[rows]))
+
+
+def reader_threads() -> list[threading.Thread]:
+    return [t for t in threading.enumerate() if t.name.startswith("alexops-read")]
+
+
+@pytest.mark.parametrize("kind", ["shuffled", "sorted", "shorter than a batch", "no steps"])
+def test_batches_read_ahead_from_the_map_are_the_batches_indexing_gives(tmp_path, kind):
+    streamed, in_memory = mapped_cache(tmp_path)
+    order = torch.randperm(len(in_memory), generator=torch.Generator().manual_seed(3))
+    order, steps = {"shuffled": (order, 5), "sorted": (torch.arange(40), 5),
+                    "shorter than a batch": (order[:3], 1), "no steps": (order, 0)}[kind]  # fmt: skip
+    got = list(cache.batches(streamed, order, batch_size=7, steps=steps))
+    want = [in_memory[order[i * 7 : (i + 1) * 7]] for i in range(steps)]
+    assert len(got) == steps and all(torch.equal(a, b) for a, b in zip(got, want, strict=True))
+    assert not reader_threads()
+
+
+def test_a_loop_that_stops_early_leaves_no_reader_running(tmp_path):
+    streamed, _ = mapped_cache(tmp_path)
+    early = cache.batches(streamed, torch.randperm(40), batch_size=7, steps=5)
     next(early)
-    early.close()  # a loop that stops early (a diverged loss) waits for the reads under way, then ends
+    assert reader_threads()  # the next batches are being read
+    early.close()  # as when the loss diverges: the reads under way finish, then the threads end
+    assert not reader_threads()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_batches_streamed_to_the_gpu_are_whole_while_the_gpu_is_busy(tmp_path):
+    """The side streams' copies are waited for, and their memory is not reused under a step."""
+    streamed, in_memory = mapped_cache(tmp_path, count=2000)
+    device = torch.device("cuda")
+    order = torch.randperm(len(in_memory), device=device)
+    want = in_memory.to(device)[order]
+    torch.cuda._sleep(10**8)  # a long kernel queued before the batches' copies
+    for i, batch in enumerate(cache.batches(streamed.to(device), order, batch_size=64, steps=30)):
+        scratch = torch.full((64, 3, 4, 4), 7, dtype=torch.uint8, device=device)  # may reuse freed blocks
+        assert torch.equal(batch, want[i * 64 : (i + 1) * 64]) and scratch.sum() > 0
 
 
 def test_training_from_a_streamed_cache_gives_the_same_weights(tmp_path, monkeypatch):

@@ -205,16 +205,17 @@ class CachedImages:
 
     def _read(self, rows: np.ndarray) -> torch.Tensor:
         """The images of `rows` on `self.device`, read from the map in file order (pages read once,
-        forwards) into pinned memory for CUDA, whose copy is then non-blocking on the current stream."""
-        order = np.argsort(rows, kind="stable")
-        shape = (len(rows), *self.mapped.shape[1:])
-        host = torch.empty(shape, dtype=torch.uint8, pin_memory=self.device.type == "cuda")
+        forwards) into host memory, pinned for CUDA so that the copy to the device does not block."""
+        host = torch.empty(
+            (len(rows), *self.mapped.shape[1:]), dtype=torch.uint8, pin_memory=self.device.type == "cuda"
+        )
+        batch = host.numpy()
         if len(rows) and rows[-1] - rows[0] == len(rows) - 1 and (np.diff(rows) == 1).all():
-            host.numpy()[:] = self.mapped[rows[0] : rows[-1] + 1]  # one sequential read
-            return host.to(self.device, non_blocking=True)
-        np.take(self.mapped, rows[order], axis=0, out=host.numpy())
-        batch = host.to(self.device, non_blocking=True)
-        return batch[torch.from_numpy(np.argsort(order)).to(self.device)]  # back to the asked order
+            batch[:] = self.mapped[rows[0] : rows[-1] + 1]  # one sequential read
+        else:
+            order = np.argsort(rows, kind="stable")
+            batch[order] = self.mapped[rows[order]]
+        return host.to(self.device, non_blocking=True)
 
 
 def _numpy_index(index) -> np.ndarray | slice:

@@ -155,10 +155,10 @@ class WeightAverage(torch.nn.Module):
     """An average of a model's parameters, kept in `module`, updated by `update_parameters`:
     the first call copies them, call n ≥ 1 runs `update(averaged, current, n)` on the lists.
 
-    torch.optim.swa_utils.AveragedModel does the same but keeps its count as a tensor that it
-    tests and copies to the GPU at every update, and each of those waits for the GPU to finish
-    its queue; this count stays on the CPU. Its state_dict is AveragedModel's: `module.*` and
-    `n_averaged`, so checkpoints of either read back into the other.
+    torch.optim.swa_utils.AveragedModel does the same but copies its count to the GPU at every
+    update, a copy from pageable memory that waits for the GPU to finish its queue; here the
+    count stays on the CPU and reaches `update` as an int. Its state_dict is AveragedModel's:
+    `module.*` and `n_averaged`, so checkpoints of either read back into the other.
     """
 
     def __init__(self, model: torch.nn.Module, update):
