@@ -292,7 +292,7 @@ def gpu_table() -> str:
             f"{ours['img_per_s'] * ours['gflop_per_image'] / 1000:.1f} TFLOP/s (bf16 matmul "
             f"{r['matmul_gflop_per_s'] / 1000:.0f}); data share {100 * ours['data_share']:.1f}%; seed recipe "
             f"{seed['img_per_s']:,.0f} img/s → {r['speedup_vs_seed']:.2f}×",
-            f"{r['device']}, {rel(RESULTS / name)}",
+            card_and_source(r["device"], name),
         ])  # fmt: skip
     for name in ("prepare-stream-cuda.json", "prepare-stream-cuda-before-sync-fix.json"):
         r = load(RESULTS / name)
@@ -304,7 +304,7 @@ def gpu_table() -> str:
             f"streamed {speed['streamed']:,.0f}, resident {speed['resident']:,.0f}, model alone "
             f"{speed['model alone']:,.0f} img/s: data share **{100 * share['streamed']:.1f}%** streamed, "
             f"{100 * share['resident']:.1f}% resident",
-            f"{r['device']}, {rel(RESULTS / name)}",
+            card_and_source(r["device"], name),
         ])  # fmt: skip
     for name in ("accuracy-cuda-paper.json", "accuracy-cuda-paper-30-epochs.json"):
         r = load(RESULTS / name)
@@ -314,7 +314,7 @@ def gpu_table() -> str:
             + (" (before)" if "30-epochs" in name else ""),
             f"**{pct(run['test_accuracy_ten_crop'])}** 10-crop, "
             f"{pct(run['test_accuracy_center_crop'])} centre, in {run['train_seconds']:.0f} s of training",
-            f"{r['device']}, {rel(RESULTS / name)}",
+            card_and_source(r["device"], name),
         ])  # fmt: skip
     r = load(RESULTS / "lrn-cuda.json")
     speedups = [e["speedup_fwd_bwd"] for e in r["results"]]
@@ -323,9 +323,13 @@ def gpu_table() -> str:
         "LRN forward+backward, ours vs `nn.LocalResponseNorm`",
         f"{min(big):.2f}–{max(big):.2f}× at 227 px (conv1, conv2), {min(speedups):.2f}–{max(speedups):.2f}× "
         f"over all shapes; max relative difference {max(e['max_rel_diff_grad'] for e in r['results']):.1e}",
-        f"{r['device_name']}, {rel(RESULTS / 'lrn-cuda.json')}",
+        card_and_source(r["device_name"], "lrn-cuda.json"),
     ])  # fmt: skip
     return table(["measurement", "result", "card, source"], rows)
+
+
+def card_and_source(card: str, name: str) -> str:
+    return f"{card}, {rel(RESULTS / name)}"
 
 
 def ratio(entry: dict) -> str:
