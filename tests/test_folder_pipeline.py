@@ -45,8 +45,10 @@ def test_a_folder_dataset_trains_registers_and_serves_its_class_names(workspace,
     (workspace / "params.yaml").write_text(yaml.safe_dump(params))
     commit_all(workspace, "the shapes dataset")
 
-    first = run([DVC, "repro"], workspace, ws_env)
+    # a data memory budget below the training images' size: train streams them from the memory map
+    first = run([DVC, "repro"], workspace, ws_env | {"ALEXOPS_DATA_MEMORY": "10K"})
     assert stages_run(first.stdout) == STAGES
+    assert "each batch is read from the memory map" in first.stdout
     reports = workspace / "reports" / "shapes"
     found = json.loads((reports / "prepare.json").read_text())
     assert found["classes"] == list(CLASSES) and found["images"] == {"train": 30, "test": 12}

@@ -26,7 +26,7 @@ from tqdm import tqdm
 from alexops import augment, distributed, figures, files, lrn, tracking
 from alexops import model as model_module
 from alexops import progress as progress_line
-from alexops.cache import batches, take
+from alexops.cache import MEMORY_ENV, CachedImages, batches, memory_budget, take
 from alexops.errors import AlexopsError
 from alexops.evaluate import predict_probabilities
 from alexops.model import AlexNet, count_parameters, pick_device
@@ -277,6 +277,12 @@ def train_on(params: Params, paths: Paths, device: torch.device, world: distribu
             f"× {world.size} process(es), {len(data[1])} train / {len(data[3])} val images "
             f"at {opts.image_size} px{', bf16 autocast' if autocast_enabled(device, opts) else ''}"
         )
+        if isinstance(data[0], CachedImages):
+            print(
+                f"train: the training images ({data[0].nbytes / 2**20:,.1f} MiB) exceed the data memory "
+                f"budget ({memory_budget() / 2**20:,.1f} MiB, {MEMORY_ENV}): each batch is read from the "
+                "memory map, two batches ahead; the weights are the same as in memory"
+            )
     # rank 0 alone talks to MLflow and writes files; the others only train
     tracked = tracking.new_run(params, paths, run_id) if world.is_main else contextlib.nullcontext()
     with tracked as mlflow:
