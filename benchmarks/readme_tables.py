@@ -280,56 +280,65 @@ def scale_rows(r: dict) -> list[tuple[str, str]]:
 def gpu_table() -> str:
     """`make bench-gpu` (benchmarks/gpu_check.sh) on a lent GPU: its files, and those of the run
     before the training loop stopped waiting for the GPU at every step (`*-before-sync-fix`)."""
+    before = " (before)"
+    files = [  # (results file, its cells, what the measurement's cell adds)
+        ("train-cuda-paper.json", training_cells, ""),
+        ("train-cuda-paper-before-sync-fix.json", training_cells,
+         " (before; data share timed with a sync after the augmentation)"),
+        ("prepare-stream-cuda.json", streaming_cells, ""),
+        ("prepare-stream-cuda-before-sync-fix.json", streaming_cells, before),
+        ("accuracy-cuda-paper.json", accuracy_cells, ""),
+        ("accuracy-cuda-paper-30-epochs.json", accuracy_cells, before),
+        ("lrn-cuda.json", lrn_cells, ""),
+    ]  # fmt: skip
     rows = []
-    for name in ("train-cuda-paper.json", "train-cuda-paper-before-sync-fix.json"):
+    for name, cells, note in files:
         r = load(RESULTS / name)
-        ours, seed = r["alexops"], r["seed"]
-        low, high = min(ours["img_per_s_by_round"]), max(ours["img_per_s_by_round"])
-        rows.append([
-            f"`paper` preset training, batch {ours['batch_size']}, bf16, channels-last, torch.compile"
-            + (" (before; data share timed with a sync after the augmentation)" if "before" in name else ""),
-            f"**{ours['img_per_s']:,.0f} img/s** (rounds {low:,.0f}–{high:,.0f}), "
-            f"{ours['img_per_s'] * ours['gflop_per_image'] / 1000:.1f} TFLOP/s (bf16 matmul "
-            f"{r['matmul_gflop_per_s'] / 1000:.0f}); data share {100 * ours['data_share']:.1f}%; seed recipe "
-            f"{seed['img_per_s']:,.0f} img/s → {r['speedup_vs_seed']:.2f}×",
-            card_and_source(r["device"], name),
-        ])  # fmt: skip
-    for name in ("prepare-stream-cuda.json", "prepare-stream-cuda-before-sync-fix.json"):
-        r = load(RESULTS / name)
-        speed, share = r["img_per_s"], r["data_share"]
-        rows.append([
-            f"the training loop on a {r['cache_gib']:.1f} GiB memory-mapped {r['cache_shape'][1]}×"
-            f"{r['cache_shape'][2]}² cache ({r['image_size']} px, width {r['width']:g}, "
-            f"batch {r['batch_size']})" + (" (before)" if "before" in name else ""),
-            f"streamed {speed['streamed']:,.0f}, resident {speed['resident']:,.0f}, model alone "
-            f"{speed['model alone']:,.0f} img/s: data share **{100 * share['streamed']:.1f}%** streamed, "
-            f"{100 * share['resident']:.1f}% resident",
-            card_and_source(r["device"], name),
-        ])  # fmt: skip
-    for name in ("accuracy-cuda-paper.json", "accuracy-cuda-paper-30-epochs.json"):
-        r = load(RESULTS / name)
-        run = r["accuracy_run"]
-        rows.append([
-            f"`paper` preset trained {len(run['history'])} epochs on Fashion-MNIST"
-            + (" (before)" if "30-epochs" in name else ""),
-            f"**{pct(run['test_accuracy_ten_crop'])}** 10-crop, "
-            f"{pct(run['test_accuracy_center_crop'])} centre, in {run['train_seconds']:.0f} s of training",
-            card_and_source(r["device"], name),
-        ])  # fmt: skip
-    r = load(RESULTS / "lrn-cuda.json")
-    speedups = [e["speedup_fwd_bwd"] for e in r["results"]]
-    big = [e["speedup_fwd_bwd"] for e in r["results"] if "227px" in e["label"]]
-    rows.append([
-        "LRN forward+backward, ours vs `nn.LocalResponseNorm`",
-        f"{min(big):.2f}–{max(big):.2f}× at 227 px (conv1, conv2), {min(speedups):.2f}–{max(speedups):.2f}× "
-        f"over all shapes; max relative difference {max(e['max_rel_diff_grad'] for e in r['results']):.1e}",
-        card_and_source(r["device_name"], "lrn-cuda.json"),
-    ])  # fmt: skip
+        what, result = cells(r)
+        rows.append([what + note, result, f"{r.get('device_name', r['device'])}, {rel(RESULTS / name)}"])
     return table(["measurement", "result", "card, source"], rows)
 
 
-def card_and_source(card: str, name: str) -> str:
-    return f"{card}, {rel(RESULTS / name)}"
+def training_cells(r: dict) -> tuple[str, str]:
+    ours, seed = r["alexops"], r["seed"]
+    low, high = min(ours["img_per_s_by_round"]), max(ours["img_per_s_by_round"])
+    return (
+        f"`paper` preset training, batch {ours['batch_size']}, bf16, channels-last, torch.compile",
+        f"**{ours['img_per_s']:,.0f} img/s** (rounds {low:,.0f}–{high:,.0f}), "
+        f"{ours['img_per_s'] * ours['gflop_per_image'] / 1000:.1f} TFLOP/s (bf16 matmul "
+        f"{r['matmul_gflop_per_s'] / 1000:.0f}); data share {100 * ours['data_share']:.1f}%; seed recipe "
+        f"{seed['img_per_s']:,.0f} img/s → {r['speedup_vs_seed']:.2f}×",
+    )
+
+
+def streaming_cells(r: dict) -> tuple[str, str]:
+    speed, share, shape = r["img_per_s"], r["data_share"], r["cache_shape"]
+    return (
+        f"the training loop on a {r['cache_gib']:.1f} GiB memory-mapped {shape[1]}×{shape[2]}² cache "
+        f"({r['image_size']} px, width {r['width']:g}, batch {r['batch_size']})",
+        f"streamed {speed['streamed']:,.0f}, resident {speed['resident']:,.0f}, model alone "
+        f"{speed['model alone']:,.0f} img/s: data share **{100 * share['streamed']:.1f}%** streamed, "
+        f"{100 * share['resident']:.1f}% resident",
+    )
+
+
+def accuracy_cells(r: dict) -> tuple[str, str]:
+    run = r["accuracy_run"]
+    return (
+        f"`paper` preset trained {len(run['history'])} epochs on Fashion-MNIST",
+        f"**{pct(run['test_accuracy_ten_crop'])}** 10-crop, "
+        f"{pct(run['test_accuracy_center_crop'])} centre, in {run['train_seconds']:.0f} s of training",
+    )
+
+
+def lrn_cells(r: dict) -> tuple[str, str]:
+    speedups = [e["speedup_fwd_bwd"] for e in r["results"]]
+    big = [e["speedup_fwd_bwd"] for e in r["results"] if "227px" in e["label"]]
+    return (
+        "LRN forward+backward, ours vs `nn.LocalResponseNorm`",
+        f"{min(big):.2f}–{max(big):.2f}× at 227 px (conv1, conv2), {min(speedups):.2f}–{max(speedups):.2f}× "
+        f"over all shapes; max relative difference {max(e['max_rel_diff_grad'] for e in r['results']):.1e}",
+    )
 
 
 def ratio(entry: dict) -> str:
