@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed-stamp
 MIRROR := /usr/share/datasets/fashion-mnist
 
 .PHONY: install mirror run flow sweep test test-all lint format bench bench-gpu mlflow-ui mlflow-server clean \
-	prefect-server deploy push pull serve bench-serve stack stack-down stack-install bench-tracking bench-capture bench-recipe bench-prepare
+	prefect-server deploy push pull serve bench-serve stack stack-down stack-install bench-tracking bench-capture bench-recipe bench-prepare look
 
 install: $(STAMP)
 
@@ -42,6 +42,13 @@ run: install
 	  PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/dvc repro; \
 	fi
 	@$(BIN)/python -m alexops.summary
+
+# The pictures to look at before and after training (a batch as the model sees it, the model
+# summary, the test images it gets most wrong), rendered by `dvc plots` apart from the curves
+# that `dvc plots show` draws → dvc_plots/look/index.html. After `make run`, which installs.
+LOOK = augmented.png model_summary.png mistakes.png
+look:
+	@d=$(DATASET); $(BIN)/dvc plots show -o dvc_plots/look $(addprefix reports/$$d/,$(LOOK))
 
 flow: install mirror
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m pipeline.flows $(ARGS)

@@ -2,11 +2,12 @@
 
 import json
 import re
+from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
 import yaml
-from conftest import VENV_BIN, run
+from conftest import REPO, VENV_BIN, run
 
 
 def stages_run(output: str) -> list[str]:
@@ -121,6 +122,19 @@ def check_plots(workspace, ws_env, out) -> None:
     )
     run([f"{VENV_BIN}/dvc", "plots", "show", "-o", str(out)], workspace, ws_env)
     assert "confusion" in (out / "index.html").read_text()
+    check_look(workspace, ws_env)
+
+
+def check_look(workspace, ws_env) -> None:
+    """`make look`: the pictures of a batch as the model sees it, the model summary and the worst
+    test images, rendered by `dvc plots` apart from the five, each from this run's outputs."""
+    makefile = str(REPO / "Makefile")
+    run(["make", "-s", "-f", makefile, "look", f"VENV={Path(VENV_BIN).parent}"], workspace, ws_env)
+    page = (workspace / "dvc_plots" / "look" / "index.html").read_text()
+    for name in ("augmented.png", "model_summary.png", "mistakes.png"):
+        shown = workspace / "dvc_plots" / "look" / "static" / f"workspace_reports_fashion-mnist_{name}"
+        assert shown.read_bytes() == (workspace / "reports" / "fashion-mnist" / name).read_bytes()
+        assert f"reports/fashion-mnist/{name}" in page
 
 
 def check_a_retrained_identical_model_reports_but_is_not_registered_again(workspace, ws_env) -> None:
