@@ -49,6 +49,8 @@ def test_a_folder_dataset_trains_registers_and_serves_its_class_names(workspace,
     first = run([DVC, "repro"], workspace, ws_env | {"ALEXOPS_DATA_MEMORY": "10K"})
     assert stages_run(first.stdout) == STAGES
     assert "each batch is read from the memory map" in first.stdout
+    assert "memory budget (10.0 KiB, ALEXOPS_DATA_MEMORY)" in first.stdout
+    assert "\r" not in first.stdout + first.stderr  # progress bars in a log: whole lines, no redraws
     reports = workspace / "reports" / "shapes"
     found = json.loads((reports / "prepare.json").read_text())
     assert found["classes"] == list(CLASSES) and found["images"] == {"train": 30, "test": 12}

@@ -291,3 +291,23 @@ def test_make_runs_headline_is_three_short_lines():
     assert "dvc metrics show" in lines[2] and "reports/shoes" in lines[2]
     centre = headline("shoes", evaluation | {"accuracy": 0.917, "ten_crop": False}, record).split("\n")[0]
     assert centre == "shoes: test accuracy 0.9170 (centre crop)"
+
+
+def test_a_progress_bar_in_a_log_writes_whole_lines(monkeypatch, capsys):
+    """Where stderr is no terminal (a queued experiment's log, Prefect, CI), each state a bar
+    draws is a line of its own, never a carriage-return redraw; a bar shorter than the log
+    interval writes nothing at all."""
+    from alexops import progress
+
+    for _ in progress.bar(range(5), desc="short"):
+        pass
+    assert capsys.readouterr().err == ""
+
+    monkeypatch.setattr(progress, "LOG_INTERVAL_S", 0.0)
+    for _ in progress.bar(range(3), desc="decode", unit="img"):
+        pass
+    written = capsys.readouterr().err
+    assert "\r" not in written and written.endswith("\n")
+    lines = written.splitlines()
+    assert all(line.startswith("decode:") for line in lines)
+    assert len(set(lines)) == len(lines) and "3/3" in lines[-1]

@@ -25,9 +25,7 @@ import urllib.request
 import zlib
 from pathlib import Path
 
-from tqdm import tqdm
-
-from alexops import datasets, files
+from alexops import datasets, files, progress
 from alexops.datasets import BadRawData, DatasetSpec, RawFile
 from alexops.errors import AlexopsError
 from alexops.params import DEFAULT_MIRRORS, FetchParams, Params
@@ -226,9 +224,7 @@ def _stream(url: str, target: Path, timeout_s: float) -> str:
     with urllib.request.urlopen(url, timeout=timeout_s) as response, open(target, "wb") as out:
         total = int(response.headers.get("Content-Length") or 0) or None
         written = 0
-        with tqdm(
-            total=total, unit="B", unit_scale=True, desc=url.rsplit("/", 1)[-1], mininterval=1.0
-        ) as bar:
+        with progress.bar(total=total, unit="B", unit_scale=True, desc=url.rsplit("/", 1)[-1]) as bar:
             for chunk in iter(lambda: response.read(1 << 20), b""):
                 out.write(chunk)
                 digest.update(chunk)
@@ -243,7 +239,7 @@ def _get(url: str, timeout_s: float) -> bytes:
     with urllib.request.urlopen(url, timeout=timeout_s) as response:
         total = int(response.headers.get("Content-Length") or 0) or None
         chunks = []
-        with tqdm(total=total, unit="B", unit_scale=True, desc=url.rsplit("/", 1)[-1]) as bar:
+        with progress.bar(total=total, unit="B", unit_scale=True, desc=url.rsplit("/", 1)[-1]) as bar:
             for chunk in iter(lambda: response.read(1 << 16), b""):
                 chunks.append(chunk)
                 bar.update(len(chunk))

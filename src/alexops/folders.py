@@ -29,7 +29,7 @@ from pathlib import Path, PurePosixPath
 
 import numpy as np
 
-from alexops import cache, images
+from alexops import cache, images, progress
 from alexops.errors import AlexopsError
 
 SPLIT_DIRS = ("train", "test", "val")
@@ -420,15 +420,13 @@ def decode_all(
     read here and handed out as bytes, at most a few chunks ahead of the workers, so memory does
     not grow with the archive.
     """
-    from tqdm import tqdm
-
     if source.kind == "tar.gz":
         wanted = {e.member.name: i for i, e in enumerate(entries)}
         items = stream_tar(source, wanted)
     else:
         items = ((i, e.member) for i, e in enumerate(entries))
     results: list[Decoded] = []
-    with tqdm(total=len(entries), desc=desc, unit="img", mininterval=1.0) as bar:
+    with progress.bar(total=len(entries), desc=desc, unit="img") as bar:
         if workers <= 1 or len(entries) < INLINE_BELOW:
             for chunk in chunked(items, CHUNK_ITEMS):
                 results.extend(decode_chunk(spec, source, chunk))

@@ -29,7 +29,7 @@ from pathlib import Path
 
 import numpy as np
 
-from alexops import files, folders
+from alexops import files, folders, progress
 from alexops.cache import IMAGES, NewImages, sha256_file
 from alexops.datasets import Dataset, Decoded
 from alexops.errors import AlexopsError
@@ -316,8 +316,6 @@ def local_source(root: Path, source: str, key: str) -> Path:
 def folder_digests(location: Path, members: list[folders.Member], copy_to: Path | None) -> list:
     """[name, size, SHA-256] of every file a dataset may read (hidden files left out), copying
     each into `copy_to` when given; a file that cannot be read is left for prepare to report."""
-    from tqdm import tqdm
-
     kept = [member for member in members if not folders.hidden(member.name) and not member.problem]
     file_members = [member for member in kept if not member.name.endswith("/")]
     if copy_to is not None:  # folders are kept in the copy, an empty class folder too
@@ -325,7 +323,7 @@ def folder_digests(location: Path, members: list[folders.Member], copy_to: Path 
             (copy_to / folder.name).mkdir(parents=True, exist_ok=True)
     action = "read" if copy_to is None else "copy"
     digests = []
-    for member in tqdm(file_members, desc=f"fetch: {action} files", unit="file", mininterval=1.0):
+    for member in progress.bar(file_members, desc=f"fetch: {action} files", unit="file"):
         try:
             data = Path(member.ref).read_bytes()
         except OSError:

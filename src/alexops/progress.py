@@ -1,4 +1,5 @@
-"""The per-epoch progress line `train` prints, and its parser for orchestrators.
+"""How stages show progress: the per-epoch line `train` prints and its parser for orchestrators,
+and the progress bars of every stage.
 
 One format serves both readers: a person watching `dvc repro`, and `pipeline/` turning the
 lines of a running stage into a Prefect progress artifact (it sees only the stage's output,
@@ -7,8 +8,17 @@ whatever copy of the workspace DVC runs it in).
 
 from __future__ import annotations
 
+import io
 import re
+import sys
+from collections.abc import Iterable
 from dataclasses import dataclass
+
+from tqdm import tqdm
+
+# A log (a queued experiment's, Prefect's, CI's) gets a bar's state as a whole line this often,
+# and nothing from a bar that finishes sooner
+LOG_INTERVAL_S = 30.0
 
 _EPOCH = re.compile(
     r"^epoch (?P<epoch>\d+)/(?P<epochs>\d+): loss (?P<loss>\S+) acc (?P<acc>\S+) "
@@ -58,3 +68,31 @@ def parse_epoch(line: str) -> Epoch | None:
         int(g["epoch"]), int(g["epochs"]), float(g["loss"]), float(g["acc"]), float(g["val_loss"]),
         float(g["val_acc"]), float(g["seconds"]), 60 * float(g["eta_m"]) + float(g["eta_s"]),
     )  # fmt: skip
+
+
+def bar(iterable: Iterable | None = None, **options) -> tqdm:
+    """A tqdm progress bar on stderr: redrawn in place each second on a terminal; where stderr is
+    a file or a pipe, one whole line every LOG_INTERVAL_S seconds instead, since the terminal's
+    carriage returns would pile every redraw into one endless line there."""
+    if sys.stderr.isatty():
+        return tqdm(iterable, mininterval=1.0, **options)
+    lines = _Lines(sys.stderr)
+    return tqdm(iterable, mininterval=LOG_INTERVAL_S, delay=LOG_INTERVAL_S, file=lines, **options)
+
+
+class _Lines(io.TextIOBase):
+    """A stream for tqdm that writes each state it draws (`\\r` + state + padding) as its own line."""
+
+    def __init__(self, stream) -> None:
+        self._stream = stream
+        self._last = ""
+
+    def write(self, text: str) -> int:
+        line = text.strip("\r\n").rstrip()
+        if line and line != self._last:
+            self._stream.write(line + "\n")
+            self._last = line
+        return len(text)
+
+    def flush(self) -> None:
+        self._stream.flush()

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from tqdm import tqdm
+from humanize import naturalsize
 
 from alexops import augment, distributed, figures, files, lrn, tracking
 from alexops import model as model_module
@@ -278,10 +278,11 @@ def train_on(params: Params, paths: Paths, device: torch.device, world: distribu
             f"at {opts.image_size} px{', bf16 autocast' if autocast_enabled(device, opts) else ''}"
         )
         if isinstance(data[0], CachedImages):
+            images, budget = (naturalsize(n, binary=True) for n in (data[0].nbytes, memory_budget()))
             print(
-                f"train: the training images ({data[0].nbytes / 2**20:,.1f} MiB) exceed the data memory "
-                f"budget ({memory_budget() / 2**20:,.1f} MiB, {MEMORY_ENV}): each batch is read from the "
-                "memory map, two batches ahead; the weights are the same as in memory"
+                f"train: the training images ({images}) exceed the data memory budget ({budget}, "
+                f"{MEMORY_ENV}): each batch is read from the memory map, two batches ahead; the weights "
+                "are the same as in memory"
             )
     # rank 0 alone talks to MLflow and writes files; the others only train
     tracked = tracking.new_run(params, paths, run_id) if world.is_main else contextlib.nullcontext()
@@ -358,13 +359,8 @@ def train_epoch(model, session: Session, images, labels, opts: TrainParams, epoc
     loss_sum = torch.zeros((), device=device)
     correct = torch.zeros((), device=device, dtype=torch.long)
     seen = 0
-    bar = tqdm(
-        range(steps),
-        desc=f"epoch {epoch}/{opts.epochs}",
-        unit="batch",
-        mininterval=1.0,
-        disable=not world.is_main,
-    )
+    desc = f"epoch {epoch}/{opts.epochs}"
+    bar = progress_line.bar(range(steps), desc=desc, unit="batch", disable=not world.is_main)
     started = time.perf_counter()
     for step, images_of_batch in zip(bar, batches(images, order, batch_size, steps), strict=True):
         index = (epoch - 1) * steps + step
