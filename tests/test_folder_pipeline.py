@@ -15,6 +15,10 @@ from imagesets import CLASSES, encode, shape_image, write_folder
 from test_pipeline import commit_all, registry, stages_run
 from test_serve import start_server, stop_server
 
+from alexops import register
+from alexops.prepare import load_split
+from alexops.serving.model import load_model
+
 DVC = f"{VENV_BIN}/dvc"
 STAGES = ["fetch", "prepare", "train", "evaluate", "export", "quantize", "register"]
 
@@ -89,6 +93,47 @@ def test_a_folder_dataset_trains_registers_and_serves_its_class_names(workspace,
     status = yaml.safe_load(run([DVC, "status", "--json"], workspace, ws_env).stdout)
     assert {"train", "evaluate", "export", "quantize"} <= set(status)  # the prepared data they read changed
     assert digests(workspace / "data" / "raw" / "fashion-mnist") == built_in  # the other dataset untouched
+    check_versions_compete_on_todays_test_set(workspace, ws_env, images)
+
+
+def check_versions_compete_on_todays_test_set(workspace, ws_env, images) -> None:
+    """The data changed since version 1 was tested: register re-tests it on today's test set
+    before choosing the champion; once the classes change, it cannot answer them and leaves the
+    running."""
+    client, reports = registry(ws_env), workspace / "reports" / "shapes"
+    run([DVC, "repro"], workspace, ws_env)
+    record = json.loads((reports / "register.json").read_text())
+    assert record["version"] == "2" and [r["version"] for r in record["retested"]] == ["1"]
+    first, second = (client.get_model_version("alexnet-shapes", v) for v in ("1", "2"))
+    assert first.tags["data.prepared"] == second.tags["data.prepared"]  # one test set now
+    assert first.tags["accuracy"] == f"{record['retested'][0]['after']:.6f}"
+    assert "re-tested on this test set: version 1" in record["reason"]
+    contenders = [v for v in (first, second) if v.tags["gate"] == "passed"]
+    best = max(contenders, key=lambda v: (float(v.tags["accuracy"]), int(v.version)))
+    assert str(client.get_model_version_by_alias("alexnet-shapes", "champion").version) == str(best.version)
+    # the re-test scores an ONNX model as evaluate scores its torch model (10-crop)
+    model = load_model(
+        (workspace / "artifacts" / "shapes" / "model.onnx").read_bytes(), name="m", version=None, uri="m"
+    )
+    test_images, labels = load_split(workspace / "data" / "prepared" / "shapes" / "test.pt")
+    evaluation = json.loads((reports / "evaluate.json").read_text())
+    retested = register.onnx_accuracy(model, test_images, labels, ten_crop=True)
+    assert round(retested * len(labels)) == round(evaluation["accuracy"] * len(labels))  # images right
+
+    (images / "wedge").mkdir()  # a fourth class: no earlier version can answer it
+    for i in range(14):
+        shape = shape_image("triangle", (48, 64), seed=500 + i, colour=(40, 60, 200))
+        (images / "wedge" / f"{i:03d}.png").write_bytes(encode(shape, "PNG"))
+    run([DVC, "repro"], workspace, ws_env)
+    record = json.loads((reports / "register.json").read_text())
+    assert record["version"] == "3"
+    assert [r["version"] for r in record["retested"]] == [str(v.version) for v in contenders]
+    for version in contenders:
+        retested = client.get_model_version("alexnet-shapes", version.version)
+        assert np.isnan(float(retested.tags["accuracy"])) and "cannot be" in retested.tags["retested"]
+    third = client.get_model_version("alexnet-shapes", "3")
+    champion = client.get_registered_model("alexnet-shapes").aliases.get("champion")
+    assert (None if champion is None else str(champion)) == ("3" if third.tags["gate"] == "passed" else None)
 
 
 def confusion_rows(reports) -> list[str]:

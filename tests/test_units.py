@@ -204,27 +204,6 @@ def test_every_passing_reason_says_what_the_chance_check_found():
     assert register.decide(0.92, PARITY_OK, 0.5, None, large)[1].endswith("every time (p < 0.0001)")
 
 
-@pytest.mark.parametrize(
-    "theirs, ours, said",
-    [("md5-a", "md5-b", True), ("md5-a", "md5-a", False), (None, "md5-b", False), ("md5-a", None, False)],
-)
-def test_a_reason_that_compares_with_a_champion_tested_on_other_data_says_so(theirs, ours, said):
-    """A folder dataset changed since the champion was registered: the two accuracies come from
-    different test sets, which the reason says whenever both versions recorded theirs."""
-    from mlflow.entities.model_registry import ModelVersion, ModelVersionTag
-
-    tags = [ModelVersionTag("accuracy", "0.875")]
-    tags += [ModelVersionTag(register.DATA_TAG, theirs)] if theirs else []
-    champion = ModelVersion("m", "1", 0, tags=tags)
-    newer = ModelVersion("m", "2", 0, tags=[ModelVersionTag("accuracy", "0.9")])
-    chance = register.Chance(24, "circle", 1 / 3, significance=0.05)
-    held = register.promotion_reason(0.8333, 0.5, chance, champion, champion, register.CHALLENGER, ours)
-    promoted = register.promotion_reason(0.9, 0.5, chance, champion, newer, register.CHAMPION, ours)
-    assert held.startswith("accuracy 0.8333 < champion's 0.8750 (version 1")
-    assert ("tested on other data" in held) is said
-    assert ("version 1 was tested on other data" in promoted) is said and "≥ champion's 0.8750" in promoted
-
-
 def test_an_evaluation_from_before_the_chance_check_is_one_clear_error():
     with pytest.raises(params.AlexopsError, match=r"no 'majority_class'.*dvc repro evaluate"):
         register.Chance.of({"accuracy": 0.9, "test_images": 10000}, 0.05)

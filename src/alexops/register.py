@@ -9,6 +9,13 @@ version takes it only when it is at least as accurate as the champion; every oth
 becomes `@challenger`. The decision and its reason go to `reports/<dataset>/register.json`,
 onto the model version (tags, description) and the run.
 
+Accuracies compare on one test set. Each version records the prepared data it was tested on
+(DATA_TAG); when that data has changed since (images added to or removed from a folder
+dataset, `prepare.max_test`), every version that passed the gate is re-tested on today's test
+set, its own ONNX model through onnxruntime with evaluate's crops, before the champion is
+chosen. A version whose classes or channels are not today's cannot be re-tested and leaves the
+running: the old champion can no longer answer what the test set asks.
+
 Parallel registers (`dvc queue start -j N`, parallel flow runs) are safe: in one workspace
 they take turns under a file lock, and across machines the champion is re-derived from the
 registry after the alias is set until what was set is what the registry says is best. A model
@@ -26,7 +33,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from alexops import files, tracking
+from alexops import augment, files, tracking
 from alexops.errors import AlexopsError
 from alexops.params import Params
 from alexops.paths import Paths
@@ -36,6 +43,8 @@ CHALLENGER = "challenger"
 DIGEST_TAG = "model.sha256"
 GATE_TAG = "gate"  # "passed" | "failed"
 DATA_TAG = "data.prepared"  # dvc.lock's hash of the prepared data: the test set the accuracy is on
+RETEST_TAG = "retested"  # what re-testing on changed data found: accuracy before and after
+RETEST_BATCH = 64  # test images per onnxruntime call (× 10 views with 10-crop)
 SETTLE_ROUNDS = 5  # set-then-verify rounds; each concurrent register can move the alias at most once
 
 
@@ -184,6 +193,7 @@ def decide_version(
     data = tracking.data_hash(paths)
     if data:
         tags[DATA_TAG] = data
+    retested = retest_on_this_data(client, name, data, digest, paths, params.evaluate.ten_crop)
     before = champion_of(client, name)
     same = identical_version(client, name, digest)
     if same is None:
@@ -195,9 +205,9 @@ def decide_version(
     champion = settle_champion(client, name)
     alias = CHAMPION if champion is not None and str(champion.version) == version else CHALLENGER
     if passed:
-        reason = promotion_reason(
-            accuracy, params.register.min_accuracy, chance, before, champion, alias, data
-        )
+        reason = promotion_reason(accuracy, params.register.min_accuracy, chance, before, champion, alias)
+    if retested:
+        reason += "; re-tested on this test set: " + ", ".join(r["said"] for r in retested)
     if alias == CHALLENGER:
         client.set_registered_model_alias(name, CHALLENGER, version)
     client.set_model_version_tag(name, version, "decision", f"{alias}: {reason}")
@@ -216,6 +226,7 @@ def decide_version(
         "accuracy": accuracy,
         "chance_p_value": chance.p_value(accuracy),
         "previous_champion": None if before is None else str(before.version),
+        "retested": retested,
         "model_uri": f"models:/{name}/{version}",
         "int8_uri": int8_uri,
     }
@@ -256,29 +267,84 @@ def identical_version(client, name: str, digest: str):
 
 
 def promotion_reason(
-    accuracy: float, min_accuracy: float, chance: Chance, before, champion, alias: str, data=None
+    accuracy: float, min_accuracy: float, chance: Chance, before, champion, alias: str
 ) -> str:
-    """Why a version that passed the gate holds its alias. `data`: its DATA_TAG, so that a
-    champion whose accuracy was measured on another test set is said to be."""
+    """Why a version that passed the gate holds its alias."""
     if alias == CHAMPION and before is not None and str(before.version) == str(champion.version):
         beats = better_than_chance(chance, chance.p_value(accuracy))
         floor = f"accuracy {accuracy:.4f} ≥ min {min_accuracy:.4f}"
         return f"parity ok; {floor}, {beats}; still the best that passed"
     if alias == CHALLENGER:  # passed the gate, but a better version holds @champion
-        other = ", tested on other data" if on_other_data(champion, data) else ""
-        best = f"{accuracy_of(champion):.4f} (version {champion.version}{other})"
+        best = f"{accuracy_of(champion):.4f} (version {champion.version})"
         return f"accuracy {accuracy:.4f} < champion's {best}"
     rival = None if before is None else accuracy_of(before)
-    reason = decide(accuracy, (True, 0.0), min_accuracy, rival, chance)[1]
-    if before is not None and on_other_data(before, data):
-        reason += f"; version {before.version} was tested on other data"
-    return reason
+    return decide(accuracy, (True, 0.0), min_accuracy, rival, chance)[1]
 
 
 def on_other_data(version, data: str | None) -> bool:
     """Whether `version` recorded a test set (DATA_TAG) other than `data`; unknown: False."""
     theirs = version.tags.get(DATA_TAG)
     return bool(data and theirs and theirs != data)
+
+
+def retest_on_this_data(
+    client, name: str, data: str | None, digest: str, paths: Paths, ten_crop: bool
+) -> list[dict]:
+    """Re-test on today's test set every version that passed the gate on other data (DATA_TAG),
+    other than the one with these weights (`digest`, tested by evaluate), and re-tag it: its
+    `accuracy` and DATA_TAG today's, or NaN (out of the running) when its classes or channels are
+    not today's. Returns what was found, one dict per version, for register.json."""
+    stale = [
+        v
+        for v in client.search_model_versions(f"name = '{name}'")
+        if passed_gate(v) and on_other_data(v, data) and v.tags.get(DIGEST_TAG) != digest
+    ]
+    if not stale:
+        return []
+    from alexops.prepare import load_split
+    from alexops.serving.model import ModelSource, parse_model_uri
+
+    images, labels = load_split(paths.prepared / "test.pt")
+    classes = tuple(files.read_json(paths.prepared / "stats.json", produced_by="prepare")["classes"])
+    found = []
+    for version in sorted(stale, key=lambda v: int(v.version)):
+        uri = f"models:/{name}/{version.version}"
+        model = ModelSource(parse_model_uri(uri), tracking.tracking_uri(paths.root)).load()
+        before = accuracy_of(version)
+        if model.classes != classes or model.input.channels != images.shape[1]:
+            after = float("nan")
+            said = f"version {version.version} cannot be (its classes or channels are not today's)"
+        else:
+            after = onnx_accuracy(model, images, labels, ten_crop)
+            said = f"version {version.version} {before:.4f} → {after:.4f}"
+        client.set_model_version_tag(name, version.version, "accuracy", f"{after:.6f}")
+        client.set_model_version_tag(name, version.version, DATA_TAG, data)
+        where = f"on {DATA_TAG} {data}, was {version.tags[DATA_TAG]}"
+        client.set_model_version_tag(name, version.version, RETEST_TAG, f"{said} ({where})")
+        found.append({"version": str(version.version), "before": before, "after": after, "said": said})
+    return found
+
+
+def onnx_accuracy(model, images, labels, ten_crop: bool) -> float:
+    """Test accuracy of a loaded ONNX model (alexops.serving.model.LoadedModel) on uint8 (N, C, H, W)
+    images, as evaluate scores its model: the centre crop, or the mean softmax of the 10 crops."""
+    right = 0
+    for start in range(0, len(images), RETEST_BATCH):
+        batch = images[start : start + RETEST_BATCH]
+        if ten_crop:
+            views = augment.ten_crop_views(batch, model.recipe)
+            logits = _logits(model, views.flatten(0, 1)).reshape(10, len(batch), -1)
+            probabilities = np.exp(logits - logits.max(-1, keepdims=True))
+            probabilities /= probabilities.sum(-1, keepdims=True)
+            predicted = probabilities.mean(0).argmax(-1)
+        else:
+            predicted = _logits(model, augment.preprocess(batch, model.recipe)).argmax(-1)
+        right += int((predicted == labels[start : start + RETEST_BATCH].numpy()).sum())
+    return right / len(labels)
+
+
+def _logits(model, x) -> np.ndarray:
+    return model.session.run([model.output_name], {model.input.name: x.numpy()})[0]
 
 
 def accuracy_of(version) -> float:
