@@ -278,8 +278,10 @@ def test_a_progress_bar_in_a_log_writes_whole_lines(monkeypatch, capsys):
     interval writes nothing at all."""
     from alexops import progress
 
-    for _ in progress.bar(range(5), desc="short"):
-        pass
+    with progress.bar(range(5), desc="short") as short:
+        for step in short:  # a loop that sets its loss on the bar: no line until the interval ends
+            short.set_postfix(loss=f"{1 / (step + 1):.3f}")
+            short.set_description(f"short {step}")
     assert capsys.readouterr().err == ""
 
     monkeypatch.setattr(progress, "LOG_INTERVAL_S", 0.0)

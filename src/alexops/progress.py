@@ -77,7 +77,24 @@ def bar(iterable: Iterable | None = None, **options) -> tqdm:
     if sys.stderr.isatty():
         return tqdm(iterable, mininterval=1.0, **options)
     lines = _Lines(sys.stderr)
-    return tqdm(iterable, mininterval=LOG_INTERVAL_S, delay=LOG_INTERVAL_S, file=lines, **options)
+    return _LogBar(iterable, mininterval=LOG_INTERVAL_S, delay=LOG_INTERVAL_S, file=lines, **options)
+
+
+class _LogBar(tqdm):
+    """tqdm for a log: a new postfix or description waits for the next interval's line, where
+    tqdm would draw it at once (a training loop's loss every 20 steps: a line each time)."""
+
+    def set_postfix(self, ordered_dict=None, refresh=True, **kwargs):
+        super().set_postfix(ordered_dict, refresh=False, **kwargs)
+
+    def set_postfix_str(self, s="", refresh=True):
+        super().set_postfix_str(s, refresh=False)
+
+    def set_description(self, desc=None, refresh=True):
+        super().set_description(desc, refresh=False)
+
+    def set_description_str(self, desc=None, refresh=True):
+        super().set_description_str(desc, refresh=False)
 
 
 class _Lines(io.TextIOBase):
