@@ -274,14 +274,18 @@ def test_make_runs_headline_is_three_short_lines():
 
 def test_a_progress_bar_in_a_log_writes_whole_lines(monkeypatch, capsys):
     """Where stderr is no terminal (a queued experiment's log, Prefect, CI), each state a bar
-    draws is a line of its own, never a carriage-return redraw; a bar shorter than the log
-    interval writes nothing at all."""
+    draws is a line of its own, never a carriage-return redraw: every LOG_INTERVAL_S and at the
+    end, whatever the loop sets on the bar in between."""
     from alexops import progress
 
     with progress.bar(range(5), desc="short") as short:
         for step in short:  # a loop that sets its loss on the bar: no line until the interval ends
             short.set_postfix(loss=f"{1 / (step + 1):.3f}")
             short.set_description(f"short {step}")
+    (final,) = capsys.readouterr().err.splitlines()  # the final state alone
+    assert final.startswith("short 4:") and "5/5" in final and "loss=0.200" in final
+    for _ in progress.bar(range(5), desc="gone", leave=False):
+        pass
     assert capsys.readouterr().err == ""
 
     monkeypatch.setattr(progress, "LOG_INTERVAL_S", 0.0)
@@ -290,5 +294,23 @@ def test_a_progress_bar_in_a_log_writes_whole_lines(monkeypatch, capsys):
     written = capsys.readouterr().err
     assert "\r" not in written and written.endswith("\n")
     lines = written.splitlines()
-    assert all(line.startswith("decode:") for line in lines)
+    assert all(line.startswith("decode:") for line in lines) and "0/3" not in written
     assert len(set(lines)) == len(lines) and "3/3" in lines[-1]
+
+
+@pytest.mark.parametrize(
+    "recorded, otherwise",
+    [
+        ({"data.prepared": "md5-a", "test.crops": "10-crop"}, False),
+        ({"data.prepared": "md5-b", "test.crops": "10-crop"}, True),
+        ({"data.prepared": "md5-a", "test.crops": "centre"}, True),
+        ({"test.crops": "10-crop"}, False),  # recorded before the data was: counted the same
+        ({}, False),
+    ],
+)
+def test_a_version_tested_on_other_data_or_crops_is_tested_otherwise(recorded, otherwise):
+    from mlflow.entities.model_registry import ModelVersion, ModelVersionTag
+
+    version = ModelVersion("m", "1", 0, tags=[ModelVersionTag(k, v) for k, v in recorded.items()])
+    today = {register.DATA_TAG: "md5-a", register.CROPS_TAG: "10-crop"}
+    assert register.tested_otherwise(version, today) is otherwise

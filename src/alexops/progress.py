@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from tqdm import tqdm
 
 # A log (a queued experiment's, Prefect's, CI's) gets a bar's state as a whole line this often,
-# and nothing from a bar that finishes sooner
+# and its final state when it ends
 LOG_INTERVAL_S = 30.0
 
 _EPOCH = re.compile(
@@ -72,12 +72,12 @@ def parse_epoch(line: str) -> Epoch | None:
 
 def bar(iterable: Iterable | None = None, **options) -> tqdm:
     """A tqdm progress bar on stderr: redrawn in place each second on a terminal; where stderr is
-    a file or a pipe, one whole line every LOG_INTERVAL_S seconds instead, since the terminal's
-    carriage returns would pile every redraw into one endless line there."""
+    a file or a pipe, a whole line every LOG_INTERVAL_S seconds and one with the final state
+    (none with leave=False), since the terminal's carriage returns would pile every redraw into
+    one endless line there."""
     if sys.stderr.isatty():
         return tqdm(iterable, mininterval=1.0, **options)
-    lines = _Lines(sys.stderr)
-    return _LogBar(iterable, mininterval=LOG_INTERVAL_S, delay=LOG_INTERVAL_S, file=lines, **options)
+    return _LogBar(iterable, mininterval=LOG_INTERVAL_S, file=_Lines(sys.stderr), **options)
 
 
 class _LogBar(tqdm):
@@ -98,15 +98,18 @@ class _LogBar(tqdm):
 
 
 class _Lines(io.TextIOBase):
-    """A stream for tqdm that writes each state it draws (`\\r` + state + padding) as its own line."""
+    """A stream for tqdm that writes each state it draws (`\\r` + state + padding) as its own line,
+    except the first, drawn when the bar starts (0 done), which says nothing yet."""
 
     def __init__(self, stream) -> None:
         self._stream = stream
-        self._last = ""
+        self._last: str | None = None
 
     def write(self, text: str) -> int:
         line = text.strip("\r\n").rstrip()
-        if line and line != self._last:
+        if line and self._last is None:
+            self._last = line
+        elif line and line != self._last:
             self._stream.write(line + "\n")
             self._last = line
         return len(text)
