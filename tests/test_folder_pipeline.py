@@ -98,8 +98,8 @@ def test_a_folder_dataset_trains_registers_and_serves_its_class_names(workspace,
 
 def check_versions_compete_on_todays_test_set(workspace, ws_env, images) -> None:
     """The data changed since version 1 was tested: register re-tests it on today's test set
-    before choosing the champion; once the classes change, it cannot answer them and leaves the
-    running."""
+    before choosing the champion; so it does when evaluate's crops change; once the classes
+    change, it cannot answer them and leaves the running."""
     client, reports = registry(ws_env), workspace / "reports" / "shapes"
     run([DVC, "repro"], workspace, ws_env)
     record = json.loads((reports / "register.json").read_text())
@@ -107,7 +107,7 @@ def check_versions_compete_on_todays_test_set(workspace, ws_env, images) -> None
     first, second = (client.get_model_version("alexnet-shapes", v) for v in ("1", "2"))
     assert first.tags["data.prepared"] == second.tags["data.prepared"]  # one test set now
     assert first.tags["accuracy"] == f"{record['retested'][0]['after']:.6f}"
-    assert "re-tested on this test set: version 1" in record["reason"]
+    assert "re-tested as this version was: version 1" in record["reason"]
     contenders = [v for v in (first, second) if v.tags["gate"] == "passed"]
     best = max(contenders, key=lambda v: (float(v.tags["accuracy"]), int(v.version)))
     assert str(client.get_model_version_by_alias("alexnet-shapes", "champion").version) == str(best.version)
@@ -119,6 +119,15 @@ def check_versions_compete_on_todays_test_set(workspace, ws_env, images) -> None
     evaluation = json.loads((reports / "evaluate.json").read_text())
     retested = register.onnx_accuracy(model, test_images, labels, ten_crop=True)
     assert round(retested * len(labels)) == round(evaluation["accuracy"] * len(labels))  # images right
+
+    params = yaml.safe_load((workspace / "params.yaml").read_text())  # centre crops from now on
+    params["evaluate"]["ten_crop"] = False
+    (workspace / "params.yaml").write_text(yaml.safe_dump(params))
+    run([DVC, "repro"], workspace, ws_env)
+    record = json.loads((reports / "register.json").read_text())
+    assert record["version"] == "2" and [r["version"] for r in record["retested"]] == ["1"]
+    first = client.get_model_version("alexnet-shapes", "1")
+    assert first.tags["test.crops"] == "centre" and "was test.crops 10-crop" in first.tags["retested"]
 
     (images / "wedge").mkdir()  # a fourth class: no earlier version can answer it
     for i in range(14):

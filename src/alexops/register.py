@@ -9,12 +9,12 @@ version takes it only when it is at least as accurate as the champion; every oth
 becomes `@challenger`. The decision and its reason go to `reports/<dataset>/register.json`,
 onto the model version (tags, description) and the run.
 
-Accuracies compare on one test set. Each version records the prepared data it was tested on
-(DATA_TAG); when that data has changed since (images added to or removed from a folder
-dataset, `prepare.max_test`), every version that passed the gate is re-tested on today's test
-set, its own ONNX model through onnxruntime with evaluate's crops, before the champion is
-chosen. A version whose classes or channels are not today's cannot be re-tested and leaves the
-running: the old champion can no longer answer what the test set asks.
+Accuracies compare on one test. Each version records how its accuracy was measured: the
+prepared data (DATA_TAG) and evaluate's crops (CROPS_TAG). When either has changed since
+(images added to or removed from a folder dataset, `prepare.max_test`, `evaluate.ten_crop`),
+every version that passed the gate is re-tested as today's model was, its own ONNX model
+through onnxruntime, before the champion is chosen. A version whose classes or channels are
+not today's cannot be re-tested and leaves the running: it cannot answer what the test asks.
 
 Parallel registers (`dvc queue start -j N`, parallel flow runs) are safe: in one workspace
 they take turns under a file lock, and across machines the champion is re-derived from the
@@ -43,6 +43,7 @@ CHALLENGER = "challenger"
 DIGEST_TAG = "model.sha256"
 GATE_TAG = "gate"  # "passed" | "failed"
 DATA_TAG = "data.prepared"  # dvc.lock's hash of the prepared data: the test set the accuracy is on
+CROPS_TAG = "test.crops"  # "10-crop" | "centre": how evaluate scored the accuracy
 RETEST_TAG = "retested"  # what re-testing on changed data found: accuracy before and after
 RETEST_BATCH = 64  # test images per onnxruntime call (× 10 views with 10-crop)
 SETTLE_ROUNDS = 5  # set-then-verify rounds; each concurrent register can move the alias at most once
@@ -190,10 +191,9 @@ def decide_version(
     chance = Chance.of(evaluation, params.register.significance)
     passed, reason = decide(accuracy, parity_passed(export), params.register.min_accuracy, None, chance)
     tags = {"accuracy": f"{accuracy:.6f}", DIGEST_TAG: digest, GATE_TAG: "passed" if passed else "failed"}
-    data = tracking.data_hash(paths)
-    if data:
-        tags[DATA_TAG] = data
-    retested = retest_on_this_data(client, name, data, digest, paths, params.evaluate.ten_crop)
+    test = test_of(params, paths)
+    tags |= test
+    retested = retest_as_today(client, name, test, digest, paths)
     before = champion_of(client, name)
     same = identical_version(client, name, digest)
     if same is None:
@@ -207,7 +207,7 @@ def decide_version(
     if passed:
         reason = promotion_reason(accuracy, params.register.min_accuracy, chance, before, champion, alias)
     if retested:
-        reason += "; re-tested on this test set: " + ", ".join(r["said"] for r in retested)
+        reason += "; re-tested as this version was: " + ", ".join(r["said"] for r in retested)
     if alias == CHALLENGER:
         client.set_registered_model_alias(name, CHALLENGER, version)
     client.set_model_version_tag(name, version, "decision", f"{alias}: {reason}")
@@ -281,23 +281,29 @@ def promotion_reason(
     return decide(accuracy, (True, 0.0), min_accuracy, rival, chance)[1]
 
 
-def on_other_data(version, data: str | None) -> bool:
-    """Whether `version` recorded a test set (DATA_TAG) other than `data`; unknown: False."""
-    theirs = version.tags.get(DATA_TAG)
-    return bool(data and theirs and theirs != data)
+def test_of(params: Params, paths: Paths) -> dict[str, str]:
+    """How today's accuracy is measured, as version tags: evaluate's crops, and the prepared
+    data when DVC ran prepare (its hash in dvc.lock)."""
+    test = {CROPS_TAG: "10-crop" if params.evaluate.ten_crop else "centre"}
+    data = tracking.data_hash(paths)
+    return test | ({DATA_TAG: data} if data else {})
 
 
-def retest_on_this_data(
-    client, name: str, data: str | None, digest: str, paths: Paths, ten_crop: bool
-) -> list[dict]:
-    """Re-test on today's test set every version that passed the gate on other data (DATA_TAG),
-    other than the one with these weights (`digest`, tested by evaluate), and re-tag it: its
-    `accuracy` and DATA_TAG today's, or NaN (out of the running) when its classes or channels are
-    not today's. Returns what was found, one dict per version, for register.json."""
+def tested_otherwise(version, test: dict[str, str]) -> bool:
+    """Whether `version` recorded a test (data, crops) other than `test`; one it did not record
+    counts as the same."""
+    return any(version.tags.get(key) not in (None, value) for key, value in test.items())
+
+
+def retest_as_today(client, name: str, test: dict[str, str], digest: str, paths: Paths) -> list[dict]:
+    """Re-test as `test` says (today's test set and crops) every version that passed the gate on
+    another test, other than the one with these weights (`digest`, tested by evaluate), and
+    re-tag it: its `accuracy` and test today's, or NaN (out of the running) when its classes or
+    channels are not today's. Returns what was found, one dict per version, for register.json."""
     stale = [
         v
         for v in client.search_model_versions(f"name = '{name}'")
-        if passed_gate(v) and on_other_data(v, data) and v.tags.get(DIGEST_TAG) != digest
+        if passed_gate(v) and tested_otherwise(v, test) and v.tags.get(DIGEST_TAG) != digest
     ]
     if not stale:
         return []
@@ -315,12 +321,11 @@ def retest_on_this_data(
             after = float("nan")
             said = f"version {version.version} cannot be (its classes or channels are not today's)"
         else:
-            after = onnx_accuracy(model, images, labels, ten_crop)
+            after = onnx_accuracy(model, images, labels, ten_crop=test[CROPS_TAG] == "10-crop")
             said = f"version {version.version} {before:.4f} → {after:.4f}"
-        client.set_model_version_tag(name, version.version, "accuracy", f"{after:.6f}")
-        client.set_model_version_tag(name, version.version, DATA_TAG, data)
-        where = f"on {DATA_TAG} {data}, was {version.tags[DATA_TAG]}"
-        client.set_model_version_tag(name, version.version, RETEST_TAG, f"{said} ({where})")
+        was = ", ".join(f"{key} {version.tags[key]}" for key in test if key in version.tags)
+        for key, value in (test | {"accuracy": f"{after:.6f}", RETEST_TAG: f"{said} (was {was})"}).items():
+            client.set_model_version_tag(name, version.version, key, value)
         found.append({"version": str(version.version), "before": before, "after": after, "said": said})
     return found
 
