@@ -480,18 +480,24 @@ def chunked(items, size: int):
         yield chunk
 
 
-def stratified_split(labels: np.ndarray, groups: np.ndarray, fraction: float, seed: int) -> np.ndarray:
+def stratified_split(labels: np.ndarray, digests: np.ndarray, fraction: float, seed: int) -> np.ndarray:
     """A seeded test split of `fraction` of each class (at least one image when a class has two or
-    more), whole groups at a time: exact duplicates (same group id) never straddle the split.
-    labels, groups: (N,) of the usable images. Returns a bool (N,) array, True for test."""
-    rng = np.random.default_rng(seed)
+    more), whole groups at a time: exact duplicates (same SHA-256) never straddle the split.
+
+    Stable as a folder grows: a class's images are taken in the order of a hash of the seed and
+    each image's content, not of a shuffle, so adding or replacing images moves only those at
+    the class's boundary between test and train. A shuffle would redraw the whole split, and a
+    version re-tested on the new split (register) would meet images it was trained on.
+    labels: (N,) int; digests: (N,) str, each usable image's SHA-256. Returns bool (N,), True for test.
+    """
     test = np.zeros(len(labels), dtype=bool)
     for label in np.unique(labels):
         rows = np.flatnonzero(labels == label)
-        group_ids, inverse, counts = np.unique(groups[rows], return_inverse=True, return_counts=True)
+        group_digests, inverse, counts = np.unique(digests[rows], return_inverse=True, return_counts=True)
         target = max(1, round(fraction * len(rows))) if len(rows) > 1 else 0
+        order = sorted(range(len(group_digests)), key=lambda g: _split_rank(seed, group_digests[g]))
         chosen, taken = [], 0
-        for group in rng.permutation(len(group_ids)):
+        for group in order:
             if taken >= target:
                 break
             if taken + counts[group] < len(rows):  # a class keeps one training image at least
@@ -499,3 +505,7 @@ def stratified_split(labels: np.ndarray, groups: np.ndarray, fraction: float, se
                 taken += counts[group]
         test[rows[np.isin(inverse, chosen)]] = True
     return test
+
+
+def _split_rank(seed: int, digest: str) -> bytes:
+    return hashlib.sha256(f"{seed}:{digest}".encode()).digest()

@@ -237,10 +237,9 @@ class ImageFolder(Dataset):
         if listing.split_layout:
             problems += drop_duplicates(names, digests, test, usable)
         else:
-            groups = np.unique(digests, return_inverse=True)[1]
             rows = np.flatnonzero(usable)
             test[rows] = folders.stratified_split(
-                labels[rows], groups[rows], self.declared.test_fraction, seed
+                labels[rows], digests[rows], self.declared.test_fraction, seed
             )
         return Decoded(images, labels, test, usable, listing.classes, capture, self.declared.source,
                        problems, notes)  # fmt: skip
