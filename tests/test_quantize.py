@@ -89,16 +89,26 @@ def test_quantize_writes_a_qdq_int8_model_that_runs_and_reports_both(exported):
 
 
 def test_the_gate_allows_at_most_the_configured_drop():
-    quantize.check_drop(0.900, 0.896, 0.005)  # 0.4 points
-    quantize.check_drop(0.900, 0.910, 0.0)  # int8 better: no drop
+    quantize.check_drop(0.900, 0.896, 0.005, 10000)  # 0.4 points
+    quantize.check_drop(0.900, 0.910, 0.0, 10000)  # int8 better: no drop
     with pytest.raises(AlexopsError, match=r"1\.00 points below.*quantize\.max_accuracy_drop 0\.50 points"):
-        quantize.check_drop(0.900, 0.890, 0.005)
+        quantize.check_drop(0.900, 0.890, 0.005, 10000)
     # the fix names the cause: a limit tightened below its default, or the calibration
     with pytest.raises(AlexopsError, match=r"max_accuracy_drop is 0\.10 points, set below its default 0\.50"):
-        quantize.check_drop(0.900, 0.897, 0.001)
+        quantize.check_drop(0.900, 0.897, 0.001, 10000)
     with pytest.raises(AlexopsError, match=r"Fix: raise quantize\.calibration_images") as raised:
-        quantize.check_drop(0.900, 0.890, 0.005)
+        quantize.check_drop(0.900, 0.890, 0.005, 10000)
     assert "set below its default" not in str(raised.value)
+
+
+def test_on_a_small_test_set_the_gate_allows_one_image():
+    """One image of 18 is 5.56 points, more than any sensible limit: the gate lets one image go
+    and names the test set's size as the cause when more go."""
+    quantize.check_drop(12 / 18, 11 / 18, 0.005, 18)
+    with pytest.raises(AlexopsError, match=r"the test set has 18 images, so one image is 5\.56 points"):
+        quantize.check_drop(12 / 18, 10 / 18, 0.005, 18)
+    with pytest.raises(AlexopsError, match=r"0\.02 points below"):  # 2 images of 10,000 > 0.01 points
+        quantize.check_drop(0.5, 0.4998, 0.0, 10000)
 
 
 def test_quantize_without_an_exported_model_names_the_stage_to_run(prepared):
