@@ -210,6 +210,8 @@ def decide_version(
         reason += "; re-tested as this version was: " + ", ".join(r["said"] for r in retested)
     if alias == CHALLENGER:
         client.set_registered_model_alias(name, CHALLENGER, version)
+    elif retested:
+        drop_challenger_out_of_the_running(client, name)
     client.set_model_version_tag(name, version, "decision", f"{alias}: {reason}")
     int8_uri = attach_int8(mlflow, client, paths, name, version)
     client.update_model_version(
@@ -277,7 +279,7 @@ def promotion_reason(
     if alias == CHALLENGER:  # passed the gate, but a better version holds @champion
         best = f"{accuracy_of(champion):.4f} (version {champion.version})"
         return f"accuracy {accuracy:.4f} < champion's {best}"
-    rival = None if before is None else accuracy_of(before)
+    rival = None if before is None or np.isnan(accuracy_of(before)) else accuracy_of(before)  # NaN: out
     return decide(accuracy, (True, 0.0), min_accuracy, rival, chance)[1]
 
 
@@ -326,8 +328,22 @@ def retest_as_today(client, name: str, test: dict[str, str], digest: str, paths:
         was = ", ".join(f"{key} {version.tags[key]}" for key in test if key in version.tags)
         for key, value in (test | {"accuracy": f"{after:.6f}", RETEST_TAG: f"{said} (was {was})"}).items():
             client.set_model_version_tag(name, version.version, key, value)
-        found.append({"version": str(version.version), "before": before, "after": after, "said": said})
+        numbers = {"before": _json_number(before), "after": _json_number(after)}
+        found.append({"version": str(version.version), **numbers, "said": said})
     return found
+
+
+def _json_number(value: float) -> float | None:
+    """NaN as JSON's null: `NaN` is no JSON, and other readers than Python's refuse it."""
+    return None if np.isnan(value) else value
+
+
+def drop_challenger_out_of_the_running(client, name: str) -> None:
+    """Remove @challenger when the version it names can no longer answer today's test (its
+    accuracy NaN after a re-test): it challenges nothing."""
+    aliases = client.get_registered_model(name).aliases
+    if CHALLENGER in aliases and np.isnan(accuracy_of(client.get_model_version(name, aliases[CHALLENGER]))):
+        client.delete_registered_model_alias(name, CHALLENGER)
 
 
 def onnx_accuracy(model, images, labels, ten_crop: bool) -> float:
