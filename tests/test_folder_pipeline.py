@@ -141,10 +141,13 @@ def check_versions_compete_on_todays_test_set(workspace, ws_env, images) -> None
         retested = client.get_model_version("alexnet-shapes", version.version)
         assert np.isnan(float(retested.tags["accuracy"])) and "cannot be" in retested.tags["retested"]
     assert all(r["after"] is None for r in record["retested"])  # JSON's null, not NaN
-    assert "nan" not in record["reason"]
+    assert "nan" not in record["reason"] and "no champion yet" not in record["reason"]
     third = client.get_model_version("alexnet-shapes", "3")
     aliases = {k: str(v) for k, v in client.get_registered_model("alexnet-shapes").aliases.items()}
     assert aliases.get("champion") == ("3" if third.tags["gate"] == "passed" else None)
+    if third.tags["gate"] == "passed":
+        before = record["previous_champion"]
+        assert record["reason"].startswith(f"the champion before, version {before}, is out of the running")
     assert aliases.get("challenger") in (None, "3")  # never a version that cannot answer the new class
 
 

@@ -44,7 +44,7 @@ DIGEST_TAG = "model.sha256"
 GATE_TAG = "gate"  # "passed" | "failed"
 DATA_TAG = "data.prepared"  # dvc.lock's hash of the prepared data: the test set the accuracy is on
 CROPS_TAG = "test.crops"  # "10-crop" | "centre": how evaluate scored the accuracy
-RETEST_TAG = "retested"  # what re-testing on changed data found: accuracy before and after
+RETEST_TAG = "retested"  # what re-testing on today's test found: accuracy before and after
 RETEST_BATCH = 64  # test images per onnxruntime call (× 10 views with 10-crop)
 SETTLE_ROUNDS = 5  # set-then-verify rounds; each concurrent register can move the alias at most once
 
@@ -279,7 +279,11 @@ def promotion_reason(
     if alias == CHALLENGER:  # passed the gate, but a better version holds @champion
         best = f"{accuracy_of(champion):.4f} (version {champion.version})"
         return f"accuracy {accuracy:.4f} < champion's {best}"
-    rival = None if before is None or np.isnan(accuracy_of(before)) else accuracy_of(before)  # NaN: out
+    if before is not None and np.isnan(accuracy_of(before)):  # re-tested: it cannot answer today's test
+        reason = decide(accuracy, (True, 0.0), min_accuracy, None, chance)[1]
+        out = f"the champion before, version {before.version}, is out of the running"
+        return f"{out}; {reason.removeprefix('no champion yet; ')}"
+    rival = None if before is None else accuracy_of(before)
     return decide(accuracy, (True, 0.0), min_accuracy, rival, chance)[1]
 
 
