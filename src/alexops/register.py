@@ -31,9 +31,10 @@ from dataclasses import dataclass
 
 import numpy as np
 import onnx
+import torch
 from onnx import numpy_helper
 
-from alexops import augment, files, tracking
+from alexops import files, tracking
 from alexops.errors import AlexopsError
 from alexops.params import Params
 from alexops.paths import Paths
@@ -352,24 +353,26 @@ def drop_challenger_out_of_the_running(client, name: str) -> None:
 
 def onnx_accuracy(model, images, labels, ten_crop: bool) -> float:
     """Test accuracy of a loaded ONNX model (alexops.serving.model.LoadedModel) on uint8 (N, C, H, W)
-    images, as evaluate scores its model: the centre crop, or the mean softmax of the 10 crops."""
-    right = 0
-    for start in range(0, len(images), RETEST_BATCH):
-        batch = images[start : start + RETEST_BATCH]
-        if ten_crop:
-            views = augment.ten_crop_views(batch, model.recipe)
-            logits = _logits(model, views.flatten(0, 1)).reshape(10, len(batch), -1)
-            probabilities = np.exp(logits - logits.max(-1, keepdims=True))
-            probabilities /= probabilities.sum(-1, keepdims=True)
-            predicted = probabilities.mean(0).argmax(-1)
-        else:
-            predicted = _logits(model, augment.preprocess(batch, model.recipe)).argmax(-1)
-        right += int((predicted == labels[start : start + RETEST_BATCH].numpy()).sum())
-    return right / len(labels)
+    images, scored by evaluate's own prediction code: the centre crop, or the mean softmax of the
+    10 crops."""
+    from alexops.evaluate import predict_probabilities
+
+    probabilities = predict_probabilities(
+        _OnnxModule(model), images, model.recipe, RETEST_BATCH, "cpu", ten_crop
+    )
+    return int((probabilities.argmax(1) == labels).sum()) / len(labels)
 
 
-def _logits(model, x) -> np.ndarray:
-    return model.session.run([model.output_name], {model.input.name: x.numpy()})[0]
+class _OnnxModule(torch.nn.Module):
+    """An onnxruntime session as a module: (N, C, S, S) float32 → (N, classes) logits."""
+
+    def __init__(self, model) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        session, name = self.model.session, self.model.input.name
+        return torch.from_numpy(session.run([self.model.output_name], {name: x.numpy()})[0])
 
 
 def accuracy_of(version) -> float:
