@@ -77,7 +77,9 @@ def bar(iterable: Iterable | None = None, **options) -> tqdm:
     one endless line there."""
     if sys.stderr.isatty():
         return tqdm(iterable, mininterval=1.0, **options)
-    return _LogBar(iterable, mininterval=LOG_INTERVAL_S, file=_Lines(sys.stderr), **options)
+    # maxinterval too: tqdm's monitor thread otherwise redraws a slow bar every 10 s, unchanged
+    interval = {"mininterval": LOG_INTERVAL_S, "maxinterval": LOG_INTERVAL_S}
+    return _LogBar(iterable, file=_Lines(sys.stderr), **interval, **options)
 
 
 class _LogBar(tqdm):
