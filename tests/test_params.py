@@ -94,6 +94,10 @@ def test_presets_are_valid_params_and_gpu_is_the_papers_recipe():
     assert gpu.dropout == params.from_dict(presets.apply(base, "paper")).train.dropout == 0.5  # paper §4.2
     assert gpu.label_smoothing == 0.0  # the CPU default's 0.1 is not the paper's
     assert presets.dvc_flags("gpu")[:2] == ["-S", "train.image_size=227"]
+    for paper_size in ("gpu", "paper"):  # int8 pays at 227 px, width 1 with every convolution int8
+        assert params.from_dict(presets.apply(base, paper_size)).quantize.float_layers == ()
+        assert "quantize.float_layers=[]" in presets.dvc_flags(paper_size)
+    assert params.from_dict(base).quantize.float_layers == ("conv1", "conv2")  # the default model's
     with pytest.raises(AlexopsError, match="unknown preset"):
         presets.overrides("tpu")
 
