@@ -462,6 +462,24 @@ def test_decoding_on_a_process_pool_gives_the_same_cache(tmp_path):
     assert_statistics_are_the_training_pixels(two)
 
 
+def blas_threads() -> list[int]:
+    from threadpoolctl import threadpool_info
+
+    return [pool["num_threads"] for pool in threadpool_info() if pool["user_api"] == "blas"]
+
+
+def test_decoding_workers_run_blas_on_one_thread():
+    """A worker's pixel moments are a BLAS product: with BLAS's own threads per worker, on top of
+    a worker per core, prepare ran 4-8x slower on 2 cores."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    assert blas_threads(), "numpy's BLAS not found"
+    context = multiprocessing.get_context("fork")  # as folders._in_pool starts them
+    with ProcessPoolExecutor(2, mp_context=context, initializer=folders._worker_init) as pool:
+        assert pool.submit(blas_threads).result() == [1] * len(blas_threads())
+
+
 # ---- the cache: memory-mapped, streamed when it does not fit -----------------------------------
 
 

@@ -445,7 +445,7 @@ def _in_pool(items, spec: DecodeSpec, source: Source, workers: int, bar) -> list
     # fork: workers start at once and share this process's imports; they run Pillow and numpy only,
     # never torch, so the parent's torch threads do not matter to them
     context = multiprocessing.get_context("fork")
-    with ProcessPoolExecutor(workers, mp_context=context, initializer=_worker_signals) as pool:
+    with ProcessPoolExecutor(workers, mp_context=context, initializer=_worker_init) as pool:
         pending = set()
         for chunk in chunked(items, CHUNK_ITEMS):
             if len(pending) >= 4 * workers:  # back-pressure: a tar.gz stream waits for the workers
@@ -460,10 +460,16 @@ def _in_pool(items, spec: DecodeSpec, source: Source, workers: int, bar) -> list
     return results
 
 
-def _worker_signals() -> None:
-    """A worker leaves Ctrl-C and SIGTERM to the stage, which stops the pool (alexops.cli)."""
+def _worker_init() -> None:
+    """A worker leaves Ctrl-C and SIGTERM to the stage, which stops the pool (alexops.cli), and
+    runs numpy's BLAS on one thread: the workers already fill the cores, and the BLAS threads
+    each one would start for a pixel-moment product spin against the other workers (prepare
+    measured 4-8x slower on 2 cores, depending on the scheduler, with OpenBLAS's default)."""
     import signal
 
+    from threadpoolctl import threadpool_limits
+
+    threadpool_limits(limits=1, user_api="blas")
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     signal.signal(signal.SIGHUP, signal.SIG_DFL)
