@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import json
+import logging
 import os
 import shutil
 import signal
@@ -31,6 +32,7 @@ from alexops.cli import STAGES as CLI_STAGES
 from pipeline import flows
 
 DATASET = "fashion-mnist"
+INJECT = str(REPO / "tests" / "faults" / "inject")  # sitecustomize: holds a stage at a line (see there)
 
 
 @pytest.fixture(scope="module")
@@ -86,11 +88,34 @@ def confusion_total(artifact) -> int:
     return sum(v for row in rows for k, v in row.items() if k != "actual")
 
 
+class OpenGate(logging.Handler):
+    """Creates `gate` when this process logs a record whose message starts with `text`."""
+
+    def __init__(self, gate: Path, text: str) -> None:
+        super().__init__()
+        self.gate, self.text = gate, text
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if record.getMessage().startswith(self.text):
+            self.gate.touch()
+
+
 def test_a_quick_run_streams_each_stage_live_with_progress_and_a_summary(
-    prefect_server, workspace, ws_env, monkeypatch
+    prefect_server, workspace, ws_env, monkeypatch, tmp_path
 ):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", ws_env["MLFLOW_TRACKING_URI"])
-    state = flows.pipeline(workspace=str(workspace), return_state=True)
+    # train holds after writing its epoch 1 line until the flow has logged that line (the gate):
+    # a flow that forwarded lines only when the stage ended would log it after train's last metric
+    gate, epoch_line = tmp_path / "flow-logged-epoch-1", "epoch 1/2: loss"
+    for name, value in (("PYTHONPATH", INJECT), ("ALEXOPS_INJECT_HOLD_AFTER", epoch_line),
+                        ("ALEXOPS_INJECT_GATE", str(gate))):  # fmt: skip
+        monkeypatch.setenv(name, value)
+    opener = OpenGate(gate, epoch_line)
+    logging.getLogger("prefect.task_runs").addHandler(opener)
+    try:
+        state = flows.pipeline(workspace=str(workspace), return_state=True)
+    finally:
+        logging.getLogger("prefect.task_runs").removeHandler(opener)
     assert state.is_completed(), state
     flow_run_id = state.state_details.flow_run_id
     tasks = task_runs_of(flow_run_id)
@@ -98,10 +123,11 @@ def test_a_quick_run_streams_each_stage_live_with_progress_and_a_summary(
 
     # each line was logged as the stage wrote it: epoch 1's line reached Prefect before the stage,
     # a process of its own, logged its last metric to MLflow (after epoch 2, its model and its
-    # curves), not when the process ended
+    # curves), not when the process ended; the gate makes this hold however loaded the machine is
     train = next(t for t in tasks if t.name == "train")
     lines = logs_of(flow_run_id, train.id)
-    first_epoch = next(log for log in lines if log.message.startswith("epoch 1/2: loss"))
+    first_epoch = next(log for log in lines if log.message.startswith(epoch_line))
+    assert gate.exists()
     record = json.loads((workspace / "reports" / DATASET / "register.json").read_text())
     (last_metric,) = mlflow_client(ws_env).get_metric_history(record["run_id"], "parameters")
     assert first_epoch.timestamp.timestamp() * 1000 < last_metric.timestamp
