@@ -107,6 +107,7 @@ def check_versions_compete_on_todays_test_set(workspace, ws_env, images) -> None
     first, second = (client.get_model_version("alexnet-shapes", v) for v in ("1", "2"))
     assert first.tags["data.prepared"] == second.tags["data.prepared"]  # one test set now
     assert first.tags["accuracy"] == f"{record['retested'][0]['after']:.6f}"
+    ten_crop_accuracy = record["retested"][0]["after"]
     assert "re-tested as this version was: version 1" in record["reason"]
     contenders = [v for v in (first, second) if v.tags["gate"] == "passed"]
     best = max(contenders, key=lambda v: (float(v.tags["accuracy"]), int(v.version)))
@@ -128,6 +129,15 @@ def check_versions_compete_on_todays_test_set(workspace, ws_env, images) -> None
     assert record["version"] == "2" and [r["version"] for r in record["retested"]] == ["1"]
     first = client.get_model_version("alexnet-shapes", "1")
     assert first.tags["test.crops"] == "centre" and "was test.crops 10-crop" in first.tags["retested"]
+
+    params["evaluate"]["ten_crop"] = True  # back to a test version 1 has had: answered from its tags
+    (workspace / "params.yaml").write_text(yaml.safe_dump(params))
+    run([DVC, "repro"], workspace, ws_env)
+    (back,) = json.loads((reports / "register.json").read_text())["retested"]
+    assert back["version"] == "1" and back["after"] == ten_crop_accuracy
+    assert back["said"].endswith("(as on this test before)")
+    tests = json.loads(client.get_model_version("alexnet-shapes", "1").tags["tests"])
+    assert len(tests) == 3 and list(tests)[-1].endswith(" 10-crop")  # first data, centre, 10-crop
 
     (images / "wedge").mkdir()  # a fourth class: no earlier version can answer it
     for i in range(14):

@@ -314,3 +314,24 @@ def test_a_version_tested_on_other_data_or_crops_is_tested_otherwise(recorded, o
     version = ModelVersion("m", "1", 0, tags=[ModelVersionTag(k, v) for k, v in recorded.items()])
     today = {register.DATA_TAG: "md5-a", register.CROPS_TAG: "10-crop"}
     assert register.tested_otherwise(version, today) is otherwise
+
+
+def test_a_version_remembers_its_newest_tests_with_nan_as_null():
+    from mlflow.entities.model_registry import ModelVersion, ModelVersionTag
+
+    tests: dict = {}
+    for n in range(register.TESTS_KEPT + 8):
+        register.remember(tests, f"md5-{n} 10-crop", n / 100)
+    register.remember(tests, "md5-8 10-crop", None)  # tested again: now the newest
+    tag = register.kept(tests)
+    assert len(tag) < 5000  # what a model version tag holds
+    version = ModelVersion("m", "1", 0, tags=[ModelVersionTag(register.TESTS_TAG, tag)])
+    remembered = register.tests_of(version)
+    assert len(remembered) == register.TESTS_KEPT and list(remembered)[-1] == "md5-8 10-crop"
+    assert remembered["md5-8 10-crop"] is None and "md5-7 10-crop" not in remembered  # the oldest went
+    assert remembered[f"md5-{register.TESTS_KEPT + 7} 10-crop"] == (register.TESTS_KEPT + 7) / 100
+    today = {register.DATA_TAG: "md5-a", register.CROPS_TAG: "centre"}
+    assert register.which_test(today, today) == "md5-a centre"
+    assert register.which_test({register.CROPS_TAG: "centre"}, today) == "- centre"  # no data recorded
+    broken = ModelVersion("m", "1", 0, tags=[ModelVersionTag(register.TESTS_TAG, "[1, 2")])
+    assert register.tests_of(broken) == {}

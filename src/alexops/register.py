@@ -15,6 +15,8 @@ prepared data (DATA_TAG) and evaluate's crops (CROPS_TAG). When either has chang
 every version that passed the gate is re-tested as today's model was, its own ONNX model
 through onnxruntime, before the champion is chosen. A version whose classes or channels are
 not today's cannot be re-tested and leaves the running: it cannot answer what the test asks.
+A version remembers each test it has had (TESTS_TAG), so a test it already had (the data or
+the crops changed back) is answered from memory, without loading its model again.
 
 Parallel registers (`dvc queue start -j N`, parallel flow runs) are safe: in one workspace
 they take turns under a file lock, and across machines the champion is re-derived from the
@@ -26,6 +28,7 @@ version.
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 from dataclasses import dataclass
 
@@ -46,6 +49,8 @@ GATE_TAG = "gate"  # "passed" | "failed"
 DATA_TAG = "data.prepared"  # dvc.lock's hash of the prepared data: the test set the accuracy is on
 CROPS_TAG = "test.crops"  # "10-crop" | "centre": how evaluate scored the accuracy
 RETEST_TAG = "retested"  # what re-testing on today's test found: accuracy before and after
+TESTS_TAG = "tests"  # JSON {"<data> <crops>": accuracy or null}: every test the version has had
+TESTS_KEPT = 32  # the newest tests a version remembers (a tag value holds at most 5,000 characters)
 RETEST_BATCH = 64  # test images per onnxruntime call (× 10 views with 10-crop)
 SETTLE_ROUNDS = 5  # set-then-verify rounds; each concurrent register can move the alias at most once
 
@@ -321,21 +326,58 @@ def retest_as_today(client, name: str, test: dict[str, str], digest: str, paths:
     classes = tuple(files.read_json(paths.prepared / "stats.json", produced_by="prepare")["classes"])
     found = []
     for version in sorted(stale, key=lambda v: int(v.version)):
-        uri = f"models:/{name}/{version.version}"
-        model = ModelSource(parse_model_uri(uri), tracking.tracking_uri(paths.root)).load()
-        before = accuracy_of(version)
-        if model.classes != classes or model.input.channels != images.shape[1]:
-            after = float("nan")
-            said = f"version {version.version} cannot be (its classes or channels are not today's)"
+        before, tests, today = accuracy_of(version), tests_of(version), which_test(test, test)
+        had = which_test(version.tags, test)  # the test it had until now (its tag: 6 decimals)
+        remember(tests, had, tests[had] if had in tests else _json_number(before))
+        if today in tests:
+            remembered = tests[today]
+            after = float("nan") if remembered is None else remembered
+            said = f"version {version.version} {before:.4f} → {after:.4f} (as on this test before)"
         else:
-            after = onnx_accuracy(model, images, labels, ten_crop=test[CROPS_TAG] == "10-crop")
-            said = f"version {version.version} {before:.4f} → {after:.4f}"
+            uri = f"models:/{name}/{version.version}"
+            model = ModelSource(parse_model_uri(uri), tracking.tracking_uri(paths.root)).load()
+            if model.classes != classes or model.input.channels != images.shape[1]:
+                after = float("nan")
+                said = f"version {version.version} cannot be (its classes or channels are not today's)"
+            else:
+                after = onnx_accuracy(model, images, labels, ten_crop=test[CROPS_TAG] == "10-crop")
+                said = f"version {version.version} {before:.4f} → {after:.4f}"
+        remember(tests, today, _json_number(after))
         was = ", ".join(f"{key} {version.tags[key]}" for key in test if key in version.tags)
-        for key, value in (test | {"accuracy": f"{after:.6f}", RETEST_TAG: f"{said} (was {was})"}).items():
+        tags = test | {"accuracy": f"{after:.6f}", RETEST_TAG: f"{said} (was {was})", TESTS_TAG: kept(tests)}
+        for key, value in tags.items():
             client.set_model_version_tag(name, version.version, key, value)
         numbers = {"before": _json_number(before), "after": _json_number(after)}
         found.append({"version": str(version.version), **numbers, "said": said})
     return found
+
+
+def which_test(tags: dict[str, str], test: dict[str, str]) -> str:
+    """The test that `tags` record, as "<data> <crops>" for the keys that `test` names (a key
+    they lack: "-")."""
+    return " ".join(tags.get(key, "-") for key in sorted(test))
+
+
+def tests_of(version) -> dict[str, float | None]:
+    """The tests a version has had (TESTS_TAG), oldest first; {} when it has none or the tag is
+    not what register writes."""
+    try:
+        tests = json.loads(version.tags.get(TESTS_TAG, "{}"))
+    except ValueError:
+        return {}
+    return tests if isinstance(tests, dict) else {}
+
+
+def remember(tests: dict[str, float | None], key: str, accuracy: float | None) -> None:
+    """Record `accuracy` (None: out of the running) for the test `key`, as the newest."""
+    tests.pop(key, None)
+    tests[key] = accuracy
+
+
+def kept(tests: dict[str, float | None]) -> str:
+    """The newest TESTS_KEPT tests as JSON (dicts keep insertion order: the oldest go first)."""
+    newest = list(tests.items())[-TESTS_KEPT:]
+    return json.dumps(dict(newest), separators=(",", ":"))
 
 
 def _json_number(value: float) -> float | None:
