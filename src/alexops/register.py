@@ -27,6 +27,7 @@ version.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -322,7 +323,7 @@ def retest_as_today(client, name: str, test: dict[str, str], digest: str, paths:
     from alexops.prepare import load_split
     from alexops.serving.model import ModelSource, parse_model_uri
 
-    images, labels = load_split(paths.prepared / "test.pt")
+    test_set = functools.cache(lambda: load_split(paths.prepared / "test.pt"))  # not read if all remembered
     classes = tuple(files.read_json(paths.prepared / "stats.json", produced_by="prepare")["classes"])
     found = []
     for version in sorted(stale, key=lambda v: int(v.version)):
@@ -336,6 +337,7 @@ def retest_as_today(client, name: str, test: dict[str, str], digest: str, paths:
         else:
             uri = f"models:/{name}/{version.version}"
             model = ModelSource(parse_model_uri(uri), tracking.tracking_uri(paths.root)).load()
+            images, labels = test_set()
             if model.classes != classes or model.input.channels != images.shape[1]:
                 after = float("nan")
                 said = f"version {version.version} cannot be (its classes or channels are not today's)"
@@ -365,7 +367,9 @@ def tests_of(version) -> dict[str, float | None]:
         tests = json.loads(version.tags.get(TESTS_TAG, "{}"))
     except ValueError:
         return {}
-    return tests if isinstance(tests, dict) else {}
+    if not isinstance(tests, dict):
+        return {}
+    return {key: value for key, value in tests.items() if value is None or isinstance(value, (int, float))}
 
 
 def remember(tests: dict[str, float | None], key: str, accuracy: float | None) -> None:
