@@ -135,9 +135,13 @@ def check_versions_compete_on_todays_test_set(workspace, ws_env, images) -> None
     run([DVC, "repro"], workspace, ws_env)
     (back,) = json.loads((reports / "register.json").read_text())["retested"]
     assert back["version"] == "1" and back["after"] == ten_crop_accuracy
-    assert back["said"].endswith("(as on this test before)")
+    assert back["said"].endswith(", as on this test before")
     tests = json.loads(client.get_model_version("alexnet-shapes", "1").tags["tests"])
     assert len(tests) == 3 and list(tests)[-1].endswith(" 10-crop")  # first data, centre, 10-crop
+    # today's version, scored by evaluate each time, remembers its tests too
+    today = json.loads(client.get_model_version("alexnet-shapes", "2").tags["tests"])
+    assert [key.split()[-1] for key in today] == ["centre", "10-crop"]
+    assert today[list(today)[-1]] == json.loads((reports / "evaluate.json").read_text())["accuracy"]
 
     (images / "wedge").mkdir()  # a fourth class: no earlier version can answer it
     for i in range(14):

@@ -203,6 +203,9 @@ def decide_version(
     retested = retest_as_today(client, name, test, digest, paths)
     before = champion_of(client, name)
     same = identical_version(client, name, digest)
+    tests = tests_so_far(same, test) if same is not None else {}
+    remember(tests, which_test(test, test), _json_number(accuracy))
+    tags[TESTS_TAG] = kept(tests)
     if same is None:
         version = register_version(mlflow, proto, name, tags)
     else:  # the same weights: decided again, with what evaluate, export and register say now
@@ -327,13 +330,11 @@ def retest_as_today(client, name: str, test: dict[str, str], digest: str, paths:
     classes = tuple(files.read_json(paths.prepared / "stats.json", produced_by="prepare")["classes"])
     found = []
     for version in sorted(stale, key=lambda v: int(v.version)):
-        before, tests, today = accuracy_of(version), tests_of(version), which_test(test, test)
-        had = which_test(version.tags, test)  # the test it had until now (its tag: 6 decimals)
-        remember(tests, had, tests[had] if had in tests else _json_number(before))
+        before, tests, today = accuracy_of(version), tests_so_far(version, test), which_test(test, test)
         if today in tests:
             remembered = tests[today]
             after = float("nan") if remembered is None else remembered
-            said = f"version {version.version} {before:.4f} → {after:.4f} (as on this test before)"
+            said = f"version {version.version} {before:.4f} → {after:.4f}, as on this test before"
         else:
             uri = f"models:/{name}/{version.version}"
             model = ModelSource(parse_model_uri(uri), tracking.tracking_uri(paths.root)).load()
@@ -370,6 +371,14 @@ def tests_of(version) -> dict[str, float | None]:
     if not isinstance(tests, dict):
         return {}
     return {key: value for key, value in tests.items() if value is None or isinstance(value, (int, float))}
+
+
+def tests_so_far(version, test: dict[str, str]) -> dict[str, float | None]:
+    """The tests `version` has had, the one its tags record now the newest (its score from
+    memory, at full precision, where the tests tag has it; else its 6-decimal accuracy tag)."""
+    tests, had = tests_of(version), which_test(version.tags, test)
+    remember(tests, had, tests[had] if had in tests else _json_number(accuracy_of(version)))
+    return tests
 
 
 def remember(tests: dict[str, float | None], key: str, accuracy: float | None) -> None:
