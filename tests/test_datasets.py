@@ -475,6 +475,8 @@ def test_decoding_workers_run_blas_on_one_thread():
     from concurrent.futures import ProcessPoolExecutor
 
     assert blas_threads(), "numpy's BLAS not found"
+    if max(blas_threads()) < 2:
+        pytest.skip("numpy's BLAS runs on one thread here already: nothing to limit")
     context = multiprocessing.get_context("fork")  # as folders._in_pool starts them
     with ProcessPoolExecutor(2, mp_context=context, initializer=folders._worker_init) as pool:
         assert pool.submit(blas_threads).result() == [1] * len(blas_threads())

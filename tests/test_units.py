@@ -319,20 +319,28 @@ def test_a_version_tested_on_other_data_or_crops_is_tested_otherwise(recorded, o
 def test_a_version_remembers_its_newest_tests_with_nan_as_null():
     from mlflow.entities.model_registry import ModelVersion, ModelVersionTag
 
+    def key(n: int) -> str:  # as dvc.lock names a prepared directory: 32 hex digits and .dir
+        return f"{n:032x}.dir 10-crop"
+
     tests: dict = {}
     for n in range(register.TESTS_KEPT + 8):
-        register.remember(tests, f"md5-{n} 10-crop", n / 100)
-    register.remember(tests, "md5-8 10-crop", None)  # tested again: now the newest
+        register.remember(tests, key(n), 1 / (n + 3))  # full float precision: the longest numbers
+    register.remember(tests, key(8), None)  # tested again: now the newest
     tag = register.kept(tests)
     assert len(tag) < 5000  # what a model version tag holds
     version = ModelVersion("m", "1", 0, tags=[ModelVersionTag(register.TESTS_TAG, tag)])
     remembered = register.tests_of(version)
-    assert len(remembered) == register.TESTS_KEPT and list(remembered)[-1] == "md5-8 10-crop"
-    assert remembered["md5-8 10-crop"] is None and "md5-7 10-crop" not in remembered  # the oldest went
-    assert remembered[f"md5-{register.TESTS_KEPT + 7} 10-crop"] == (register.TESTS_KEPT + 7) / 100
+    assert len(remembered) == register.TESTS_KEPT and list(remembered)[-1] == key(8)
+    assert remembered[key(8)] is None and key(7) not in remembered  # the oldest went
+    assert remembered[key(register.TESTS_KEPT + 7)] == 1 / (register.TESTS_KEPT + 10)
     today = {register.DATA_TAG: "md5-a", register.CROPS_TAG: "centre"}
     assert register.which_test(today, today) == "md5-a centre"
+    assert register.recall({"md5-a centre": 0.5}, today) == (True, 0.5)
+    assert register.recall({"md5-a centre": None}, today) == (True, None)
+    assert register.recall({"md5-b centre": 0.5}, today) == (False, None)
+    assert register.recall({"centre": 0.5}, {register.CROPS_TAG: "centre"})[0] is False  # which data?
     assert register.which_test({register.CROPS_TAG: "centre"}, today) == "- centre"  # no data recorded
-    for text in ("[1, 2", "[1, 2]", '{"a b": "0.5", "c d": 0.5}'):  # not what register writes
+    not_written = ("[1, 2", "[1, 2]", '{"a b": "0.5", "c d": 0.5, "e f": true, "g h": NaN, "i j": Infinity}')
+    for text in not_written:  # not what register writes
         broken = ModelVersion("m", "1", 0, tags=[ModelVersionTag(register.TESTS_TAG, text)])
         assert register.tests_of(broken) == ({"c d": 0.5} if "c d" in text else {})

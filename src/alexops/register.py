@@ -31,6 +31,7 @@ import functools
 import hashlib
 import json
 import logging
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -331,10 +332,14 @@ def retest_as_today(client, name: str, test: dict[str, str], digest: str, paths:
     found = []
     for version in sorted(stale, key=lambda v: int(v.version)):
         before, tests, today = accuracy_of(version), tests_so_far(version, test), which_test(test, test)
-        if today in tests:
-            remembered = tests[today]
+        known, remembered = recall(tests, test)
+        if known:
             after = float("nan") if remembered is None else remembered
-            said = f"version {version.version} {before:.4f} → {after:.4f}, as on this test before"
+            said = (
+                f"version {version.version} {before:.4f} → {after:.4f}, as on this test before"
+                if remembered is not None
+                else f"version {version.version} cannot be, as on this test before"
+            )
         else:
             uri = f"models:/{name}/{version.version}"
             model = ModelSource(parse_model_uri(uri), tracking.tracking_uri(paths.root)).load()
@@ -370,7 +375,19 @@ def tests_of(version) -> dict[str, float | None]:
         return {}
     if not isinstance(tests, dict):
         return {}
-    return {key: value for key, value in tests.items() if value is None or isinstance(value, (int, float))}
+    return {key: value for key, value in tests.items() if value is None or _finite_number(value)}
+
+
+def _finite_number(value) -> bool:
+    return type(value) in (int, float) and math.isfinite(value)  # not bool, NaN or Infinity
+
+
+def recall(tests: dict[str, float | None], test: dict[str, str]) -> tuple[bool, float | None]:
+    """Whether `tests` hold `test`, and its accuracy there (None: could not answer). A test
+    without the prepared data's hash (register run outside DVC) is never known again: its
+    crops alone do not say which images it was."""
+    key = which_test(test, test)
+    return (DATA_TAG in test and key in tests), tests.get(key)
 
 
 def tests_so_far(version, test: dict[str, str]) -> dict[str, float | None]:

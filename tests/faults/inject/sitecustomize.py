@@ -4,11 +4,13 @@ ALEXOPS_INJECT_NAN_AFTER=N makes torch's cross-entropy return NaN from its N-th 
 which is what a too-high learning rate ends in, without any hook in the product code.
 
 ALEXOPS_INJECT_HOLD_AFTER=TEXT with ALEXOPS_INJECT_GATE=PATH holds the process that writes a
-stdout line starting with TEXT, once the line is out, until PATH exists (120 s at most): a test
-acts at a known point of a stage, whatever the machine's load.
+stdout line starting with TEXT, once the line is out, until PATH exists (120 s at most), and
+creates PATH.held as it starts to wait: a test acts at a known point of a stage, whatever the
+machine's load, and knows that the hold happened.
 """
 
 import os
+import sys
 
 if "ALEXOPS_INJECT_NAN_AFTER" in os.environ:
     import torch
@@ -27,8 +29,7 @@ if "ALEXOPS_INJECT_NAN_AFTER" in os.environ:
     F.cross_entropy = _poisoned
 
 
-if "ALEXOPS_INJECT_HOLD_AFTER" in os.environ:
-    import sys
+if "ALEXOPS_INJECT_HOLD_AFTER" in os.environ and sys.stdout is not None:
     import time
 
     class _HoldingStdout:
@@ -42,6 +43,7 @@ if "ALEXOPS_INJECT_HOLD_AFTER" in os.environ:
             if self._state == "in the line" and "\n" in text:  # print writes the newline apart
                 self._state = "held"
                 self._stream.flush()
+                open(self._gate + ".held", "w").close()
                 deadline = time.monotonic() + 120
                 while not os.path.exists(self._gate) and time.monotonic() < deadline:
                     time.sleep(0.05)
