@@ -99,6 +99,8 @@ def test_the_gate_allows_at_most_the_configured_drop():
     with pytest.raises(AlexopsError, match=r"Fix: raise quantize\.calibration_images") as raised:
         quantize.check_drop(0.900, 0.890, 0.005, 10000)
     assert "set below its default" not in str(raised.value)
+    with pytest.raises(AlexopsError, match=r"Fix: keep conv1 and conv2 float \(quantize\.float_layers: \["):
+        quantize.check_drop(0.900, 0.890, 0.005, 10000, float_layers=())  # the paper-size presets' all-int8
 
 
 def test_on_a_small_test_set_the_gate_allows_one_image():

@@ -161,9 +161,9 @@ def throughput(s: ort.InferenceSession, x: np.ndarray, repeats: int = 10) -> flo
     return len(x) / statistics.median(times)
 
 
-def drop_fix(max_drop: float, test_images: int) -> str:
+def drop_fix(max_drop: float, test_images: int, float_layers: Collection[str] = ("conv1", "conv2")) -> str:
     """Name the actual cause: a limit the user tightened, a test set too small to measure the
-    limit, or calibration that fell short."""
+    limit, the LRNs' input convolutions made int8, or calibration that fell short."""
     default = QuantizeParams().max_accuracy_drop
     if max_drop < default:
         return (
@@ -176,10 +176,21 @@ def drop_fix(max_drop: float, test_images: int) -> str:
             "the int8 model missed more than one of them: add test images, or raise "
             "quantize.max_accuracy_drop in params.yaml if this drop is acceptable."
         )
+    if not {"conv1", "conv2"} <= set(float_layers):  # the paper-size presets make them int8
+        return (
+            "keep conv1 and conv2 float (quantize.float_layers: [conv1, conv2], the default: their "
+            "outputs feed the LRNs), or raise quantize.calibration_images."
+        )
     return "raise quantize.calibration_images (more training images set the int8 ranges)."
 
 
-def check_drop(fp32: float, int8: float, max_drop: float, test_images: int) -> None:
+def check_drop(
+    fp32: float,
+    int8: float,
+    max_drop: float,
+    test_images: int,
+    float_layers: Collection[str] = ("conv1", "conv2"),
+) -> None:
     """The gate: int8 accuracy may be lower than fp32's by at most `max_drop` (a fraction), or by
     one image of the `test_images` where the test set is too small to measure less (a small
     folder's: with 18 test images, one is 5.6 points)."""
@@ -188,7 +199,7 @@ def check_drop(fp32: float, int8: float, max_drop: float, test_images: int) -> N
         raise AlexopsError(
             f"int8 test accuracy {int8:.2%} is {100 * (fp32 - int8):.2f} points below fp32's {fp32:.2%}, "
             f"more than quantize.max_accuracy_drop {100 * max_drop:.2f} points. No int8 model was written. "
-            f"Fix: {drop_fix(max_drop, test_images)}"
+            f"Fix: {drop_fix(max_drop, test_images, float_layers)}"
         )
 
 
@@ -219,7 +230,8 @@ def quantize_stage(params: Params, paths: Paths) -> dict:
     sessions = {"fp32": fp32_model.session, "int8": session(int8_bytes)}
     test_images, test_labels = load_split(paths.prepared / "test.pt")
     acc = accuracy(sessions, test_images, test_labels, fp32_model.recipe)
-    check_drop(acc["fp32"], acc["int8"], params.quantize.max_accuracy_drop, len(test_labels))
+    opts = params.quantize
+    check_drop(acc["fp32"], acc["int8"], opts.max_accuracy_drop, len(test_labels), opts.float_layers)
     files.write_bytes(paths.int8_onnx, int8_bytes)
     report = make_report(acc, sessions, test_images, fp32_model.recipe, len(fp32_bytes), len(int8_bytes))
     report |= {"calibration_images": sum(len(b) for b in batches), "test_images": len(test_labels)}
