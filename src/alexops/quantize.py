@@ -34,6 +34,7 @@ from alexops.prepare import load_split
 # squared activations, Sqrt, Div) stays float: its dynamic range is what int8 handles worst;
 # so do the two convolutions that feed it (see float_convs).
 QUANTIZED_OPS = ["Conv", "Gemm", "MatMul", "MaxPool", "Relu"]
+DEFAULT_FLOAT_LAYERS = QuantizeParams().float_layers  # conv1, conv2: their outputs feed the LRNs
 CALIBRATION_BATCH = 64
 EVALUATION_BATCH = 256
 THROUGHPUT_BATCH = 64
@@ -67,7 +68,7 @@ def quantize(
     fp32_model: Path,
     batches: list[np.ndarray],
     input_name: str,
-    float_layers: Collection[str] = ("conv1", "conv2"),
+    float_layers: Collection[str] = DEFAULT_FLOAT_LAYERS,
 ) -> onnx.ModelProto:
     """The static-QDQ int8 model, metadata (classes, recipe) carried over from the fp32 one;
     the convolutions named in `float_layers` and the LRNs stay float (see float_convs)."""
@@ -99,7 +100,7 @@ def quantize(
     return proto
 
 
-def float_convs(proto: onnx.ModelProto, layers: Collection[str] = ("conv1", "conv2")) -> list[str]:
+def float_convs(proto: onnx.ModelProto, layers: Collection[str] = DEFAULT_FLOAT_LAYERS) -> list[str]:
     """The convolutions that stay float: each LRN's window sum (a 1×1 Conv over x · x, see
     lrn._export_forward) and the paper's convolutions named in `layers` ("conv1" … "conv5",
     counted in graph order without the window sums). By default conv1 and conv2, whose ReLU
@@ -161,7 +162,7 @@ def throughput(s: ort.InferenceSession, x: np.ndarray, repeats: int = 10) -> flo
     return len(x) / statistics.median(times)
 
 
-def drop_fix(max_drop: float, test_images: int, float_layers: Collection[str] = ("conv1", "conv2")) -> str:
+def drop_fix(max_drop: float, test_images: int, float_layers: Collection[str] = DEFAULT_FLOAT_LAYERS) -> str:
     """Name the actual cause: a limit the user tightened, a test set too small to measure the
     limit, the LRNs' input convolutions made int8, or calibration that fell short."""
     default = QuantizeParams().max_accuracy_drop
@@ -176,7 +177,7 @@ def drop_fix(max_drop: float, test_images: int, float_layers: Collection[str] = 
             "the int8 model missed more than one of them: add test images, or raise "
             "quantize.max_accuracy_drop in params.yaml if this drop is acceptable."
         )
-    if not {"conv1", "conv2"} <= set(float_layers):  # the paper-size presets make them int8
+    if not set(DEFAULT_FLOAT_LAYERS) <= set(float_layers):  # the paper-size presets make them int8
         return (
             "keep conv1 and conv2 float (quantize.float_layers: [conv1, conv2], the default: their "
             "outputs feed the LRNs), or raise quantize.calibration_images."
@@ -189,7 +190,7 @@ def check_drop(
     int8: float,
     max_drop: float,
     test_images: int,
-    float_layers: Collection[str] = ("conv1", "conv2"),
+    float_layers: Collection[str] = DEFAULT_FLOAT_LAYERS,
 ) -> None:
     """The gate: int8 accuracy may be lower than fp32's by at most `max_drop` (a fraction), or by
     one image of the `test_images` where the test set is too small to measure less (a small
