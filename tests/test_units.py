@@ -111,6 +111,22 @@ def test_channel_statistics_recover_a_known_covariance():
     assert stats["mean"] == pytest.approx([0.5, 0.5, 0.5], abs=0.01)
 
 
+@pytest.mark.parametrize("channels", [1, 3])
+def test_pixel_moments_are_the_exact_integer_sums(channels):
+    """Each channel's sum, then every channel pair's sum of products, row-major: the same integers
+    as int64 arithmetic, for an image and for a float64 chunk of many images' pixels."""
+    from alexops import cache
+
+    image = torch.randint(
+        0, 256, (channels, 113, 97), dtype=torch.uint8, generator=torch.Generator().manual_seed(1)
+    )
+    flat = image.reshape(channels, -1).to(torch.int64)
+    expected = torch.cat([flat.sum(1), (flat[:, None, :] * flat[None, :, :]).sum(-1).ravel()]).numpy()
+    assert (cache.pixel_moments(image.numpy()) == expected).all()
+    chunk = flat.double().repeat(1, 300).numpy()  # 3.3 million pixels a channel
+    assert (cache.pixel_moments(chunk) == expected * 300).all()
+
+
 def test_ten_crop_views_are_corners_centre_and_mirrors():
     images = torch.randint(0, 256, (3, 1, 28, 28), dtype=torch.uint8)
     views = augment.ten_crop_views(images, RECIPE)

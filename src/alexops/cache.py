@@ -18,7 +18,6 @@ the memory map; `take` makes the same choice for a subset (train's validation sp
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import os
 import re
 import tempfile
@@ -78,7 +77,7 @@ class NewImages:
     def commit(self) -> str:
         """Rename into place; the SHA-256 of the file's bytes."""
         try:
-            digest = sha256_file(self.path)
+            digest = files.sha256_file(self.path)
             with open(self.path, "rb+") as stream:
                 os.fsync(stream.fileno())
             os.replace(self.path, self.target)
@@ -107,14 +106,6 @@ def cannot_write(target: Path, exc: OSError) -> AlexopsError:
         f"cannot write {target}: {exc.strerror or exc}. "
         "Fix: check free disk space and permissions; nothing was overwritten."
     )
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as stream:
-        for block in iter(lambda: stream.read(CHUNK_BYTES), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def write_split(target: Path, rows: np.ndarray, labels: np.ndarray, images_sha256: str) -> None:
@@ -342,8 +333,13 @@ def pixel_moments(pixels: np.ndarray) -> np.ndarray:
     """(C + C²,) int64: each channel's sum of pixel values, then the channels' cross-product sums
     (row-major), of uint8 (C, H, W) pixels, or of a float64 (C, pixels) chunk holding integer
     values. Exact: float64 holds the integer sums of up to 2³⁷ pixels of 255² without rounding."""
-    values = pixels.reshape(pixels.shape[0], -1).astype(np.float64, copy=False)
-    return np.concatenate([values.sum(axis=1), (values @ values.T).ravel()]).astype(np.int64)
+    channels = pixels.shape[0]
+    values = pixels.reshape(channels, -1).astype(np.float64, copy=False)
+    products = np.empty((channels, channels))
+    for c in range(channels):  # one dot product per pair: 2.6× faster than `values @ values.T`
+        for d in range(c, channels):  # on one image's (3, 113²) in a worker, whose BLAS has 1 thread
+            products[c, d] = products[d, c] = np.dot(values[c], values[d])
+    return np.concatenate([values.sum(axis=1), products.ravel()]).astype(np.int64)
 
 
 def _chunks(images: np.ndarray, rows: np.ndarray, per_chunk: int):
