@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 
 from alexops import files, folders, progress
-from alexops.cache import IMAGES, NewImages, sha256_file
+from alexops.cache import IMAGES, NewImages
 from alexops.datasets import Dataset, Decoded
 from alexops.errors import AlexopsError
 from alexops.images import Capture
@@ -202,7 +202,7 @@ class ImageFolder(Dataset):
 
     @staticmethod
     def _check_unchanged(location: Path, expected: str) -> None:
-        if sha256_file(location) != expected:
+        if files.sha256_file(location) != expected:
             raise AlexopsError(
                 f"{location} changed since fetch recorded it. Fix: `dvc repro` (it reruns fetch first)."
             )
@@ -341,7 +341,7 @@ def folder_digests(location: Path, members: list[folders.Member], copy_to: Path 
 
 
 def checked_digest(path: Path, declared: DatasetParams, key: str) -> str:
-    digest = sha256_file(path)
+    digest = files.sha256_file(path)
     if declared.checksum and digest != declared.sha256:
         raise AlexopsError(
             f"{key}: {path} has SHA-256 {digest}, not the declared {declared.sha256}. "
