@@ -379,7 +379,7 @@ def test_a_gray_folder_is_cached_with_one_channel_at_its_own_size_bit_for_bit(tm
 
 
 @pytest.mark.parametrize("kind", ["tar", "tar.gz", "zip"])
-def test_archives_are_read_without_extracting_anything(tmp_path, kind, monkeypatch):
+def test_archives_are_read_without_extracting_anything(tmp_path, kind, monkeypatch, capsys):
     folder = tmp_path / "made"
     written = write_folder(folder, per_class=4)
     members = {f"shapes/{name}": data for name, data in written.items()}
@@ -391,6 +391,7 @@ def test_archives_are_read_without_extracting_anything(tmp_path, kind, monkeypat
     monkeypatch.chdir(work)
     loaded = declared(archive, checksum=hashlib.sha256(data).hexdigest())
     paths = fetched_and_prepared(tmp_path / "project", loaded)
+    assert f"(raw, a {kind} archive of {len(members)} files)" in capsys.readouterr().out
     assert report(paths)["classes"] == list(CLASSES) and sum(report(paths)["images"].values()) == 12
     assert list(work.iterdir()) == []  # nothing extracted
     assert sorted(p.name for p in paths.raw.iterdir()) == [f"shapes.{kind}", "source.json"]

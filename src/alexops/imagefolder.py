@@ -56,14 +56,16 @@ class ImageFolder(Dataset):
         else:
             location = local_source(paths.root, self.declared.source, key)
             record = self._record_local(location, paths, key)
-        if record["kind"] != "folder":  # refuse an unsafe or unreadable archive now, not in prepare
-            folders.list_source(self._location(record, paths))
+        if record["kind"] == "folder":
+            contents = f"{len(record['files'])} files"
+        else:  # refuse an unsafe or unreadable archive now, not in prepare
+            members = folders.list_source(self._location(record, paths))
+            contents = f"a {record['kind']} archive of {len(members)} files"
         # prepare reads the declaration from here, not from params.yaml: editing another dataset's
         # declaration reruns this fetch, whose output then stays the same, and prepare does not rerun
         record["declared"] = dataclasses.asdict(self.declared)
         files.write_json(paths.raw / SOURCE_RECORD, record)
-        count = len(record["files"]) if "files" in record else "an archive"
-        print(f"fetch: {self.name} from {self.declared.source} ({record['location']}, {count} files)")
+        print(f"fetch: {self.name} from {self.declared.source} ({record['location']}, {contents})")
 
     def _record_local(self, location: Path, paths: Paths, key: str) -> dict:
         root = paths.root.resolve()
