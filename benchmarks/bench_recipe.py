@@ -79,6 +79,8 @@ PLAN = [
     ("w3125_91", ["dropout=0.25", "label_smoothing=0.1", "width=0.3125", "image_size=91"], 42),
     ("w3125_e21", ["dropout=0.25", "label_smoothing=0.1", "width=0.3125", "epochs=21"], 42),
     ("wd1e4_ls", ["dropout=0.25", "label_smoothing=0.1", "weight_decay=0.0001"], 42),
+    ("lr1_ls", ["dropout=0.25", "label_smoothing=0.1", "lr=0.1"], 42),
+    ("do0_wd1e4_ls", ["dropout=0.0", "label_smoothing=0.1", "weight_decay=0.0001"], 42),
 ]
 FINAL_SEEDS = (1, 2)
 

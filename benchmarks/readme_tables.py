@@ -42,6 +42,9 @@ ABLATION = [
     ("w3125_e21", "raw", "w3125", 5, "width 0.3125, 21 epochs"),
     # the optimiser's weight decay, not the step's arithmetic: the step of row 5 (do25's)
     ("wd1e4_ls", "raw", "do25", 5, "weight decay 0.0001 (the paper's 0.0005)"),
+    ("lr1_ls", "raw", "do25", 5, "peak learning rate 0.1 (twice 0.05)"),
+    # rows 7 and 10 together, the two within a seed's spread above row 5: the step of row 7's
+    ("do0_wd1e4_ls", "raw", "baseline", 7, "weight decay 0.0001"),
 ]
 
 
