@@ -60,7 +60,8 @@ class ImageFolder(Dataset):
             contents = f"{len(record['files'])} files"
         else:  # refuse an unsafe or unreadable archive now, not in prepare
             members = folders.list_source(self._location(record, paths))
-            contents = f"a {record['kind']} archive of {len(members)} files"
+            count = sum(not member.name.endswith("/") for member in members)  # folders are members too
+            contents = f"a {record['kind']} archive of {count} files"
         # prepare reads the declaration from here, not from params.yaml: editing another dataset's
         # declaration reruns this fetch, whose output then stays the same, and prepare does not rerun
         record["declared"] = dataclasses.asdict(self.declared)
