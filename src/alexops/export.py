@@ -43,7 +43,10 @@ def to_onnx(model: torch.nn.Module, example: torch.Tensor, opset: int) -> onnx.M
             dynamic_shapes={"x": {0: batch}},
             verbose=False,
         )
-    return program.model_proto
+    proto = program.model_proto
+    for node in proto.graph.node:  # the exporter's provenance: stack traces naming this checkout's
+        del node.metadata_props[:]  # paths, so the same weights made other bytes in another clone
+    return proto
 
 
 def add_metadata(proto: onnx.ModelProto, classes: list[str], recipe: dict, extra: dict) -> None:
