@@ -8,13 +8,22 @@ MIRROR := /usr/share/datasets/fashion-mnist
 .PHONY: install mirror run flow sweep test test-all lint format bench bench-gpu mlflow-ui mlflow-server clean \
 	prefect-server deploy push pull serve bench-serve stack stack-down stack-install bench-tracking bench-capture bench-recipe bench-prepare look
 
-install: $(STAMP)
+# dvc plots show/diff's page with vega inline rather than from a CDN, so its charts draw offline
+# (alexops.plots_page): where DVC's .gitignore keeps it out of git, set in .dvc/config.local
+PLOTS_PAGE := .dvc/tmp/offline-plots.html
+install: $(STAMP) $(PLOTS_PAGE)
 
 # constraints.txt pins the whole dependency tree, so every machine installs the same set
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check -c constraints.txt -e '.[dev]'
 	touch $@
+
+# The plots page, again when missing (DVC fails on a configured template that is not there) or
+# after an install; config.local holds this machine's settings, the path relative to .dvc/
+$(PLOTS_PAGE): $(STAMP)
+	$(BIN)/python -m alexops.plots_page $@
+	$(BIN)/dvc config --local plots.html_template $(patsubst .dvc/%,%,$@)
 
 # The offline Fashion-MNIST mirror (Debian package), installed where we are root with apt.
 mirror:
