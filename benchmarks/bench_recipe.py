@@ -81,6 +81,11 @@ PLAN = [
     ("wd1e4_ls", ["dropout=0.25", "label_smoothing=0.1", "weight_decay=0.0001"], 42),
     ("lr1_ls", ["dropout=0.25", "label_smoothing=0.1", "lr=0.1"], 42),
     ("do0_wd1e4_ls", ["dropout=0.0", "label_smoothing=0.1", "weight_decay=0.0001"], 42),
+    ("b64_e28_ls", ["dropout=0.25", "label_smoothing=0.1", "batch_size=64", "lr=0.025", "epochs=28"], 42),
+    # smaller random crops' range: the resize before the crop, image_size × resize_ratio
+    ("rr107_ls", ["dropout=0.25", "label_smoothing=0.1", "resize_ratio=1.0707"], 42),
+    ("rr104_ls", ["dropout=0.25", "label_smoothing=0.1", "resize_ratio=1.0404"], 42),
+    ("rr100_ls", ["dropout=0.25", "label_smoothing=0.1", "resize_ratio=1.0"], 42),
 ]
 FINAL_SEEDS = (1, 2)
 

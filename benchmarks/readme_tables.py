@@ -45,6 +45,11 @@ ABLATION = [
     ("lr1_ls", "raw", "do25", 5, "peak learning rate 0.1 (twice 0.05)"),
     # rows 7 and 10 together, the two within a seed's spread above row 5: the step of row 7's
     ("do0_wd1e4_ls", "raw", "baseline", 7, "weight decay 0.0001"),
+    ("b64_e28_ls", "raw", "b64", 5, "batch 64 (lr 0.025, the linear scaling rule), 28 epochs"),
+    # the random crops' range: crops of 99 px from a resize to 99 × resize_ratio (row 1: 113 px)
+    ("rr107_ls", "raw", "rr107", 5, "crops from 106 px, not 113 (resize ratio 1.07, not 256/224)"),
+    ("rr104_ls", "raw", "rr104", 5, "crops from 103 px (resize ratio 1.04)"),
+    ("rr100_ls", "raw", "rr100", 5, "no random crops: the whole image at 99 px (resize ratio 1.0)"),
 ]
 
 
@@ -70,7 +75,9 @@ def recipe_table() -> str:
     baseline = load(RECIPE / "baseline-quiet.json")
     base_seconds = baseline["accuracy_run"]["train_seconds"]
     base_epochs = baseline["train_params"]["epochs"]
-    speeds = load(RECIPE / "cost-ablation.json")["variants"] | load(RECIPE / "cost-width.json")["variants"]
+    speeds = {}
+    for name in ("cost-ablation.json", "cost-width.json", "cost-crop.json"):
+        speeds |= load(RECIPE / name)["variants"]
     first = baseline["accuracy_run"]
     accuracies = [first["test_accuracy_ten_crop"]]
     rows = [

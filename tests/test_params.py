@@ -93,6 +93,8 @@ def test_presets_are_valid_params_and_gpu_is_the_papers_recipe():
     assert (gpu.image_size, gpu.width, gpu.init, gpu.schedule, gpu.lr) == (227, 1.0, "paper", "plateau", 0.01)
     assert gpu.dropout == params.from_dict(presets.apply(base, "paper")).train.dropout == 0.5  # paper §4.2
     assert gpu.label_smoothing == 0.0  # the CPU default's 0.1 is not the paper's
+    for paper_size in ("gpu", "paper"):  # 224 of 256 (§4.1), whatever crop the CPU default takes
+        assert params.from_dict(presets.apply(base, paper_size)).train.resize_ratio == 1.142857
     assert presets.dvc_flags("gpu")[:2] == ["-S", "train.image_size=227"]
     for paper_size in ("gpu", "paper"):  # int8 pays at 227 px, width 1 with every convolution int8
         assert params.from_dict(presets.apply(base, paper_size)).quantize.float_layers == ()

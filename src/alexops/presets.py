@@ -17,6 +17,7 @@ PRESETS: dict[str, dict[str, object]] = {
     # when validation error stalls, 90 epochs, batch 128; bf16 and channels_last on CUDA
     "gpu": {
         "train.image_size": 227,
+        "train.resize_ratio": 1.142857,  # 224 crops of 256 (§4.1); the CPU default crops less
         "train.width": 1.0,
         "train.init": "paper",
         "train.schedule": "plateau",
@@ -40,6 +41,7 @@ PRESETS: dict[str, dict[str, object]] = {
     # `base.device` stays as params.yaml has it.
     "paper": {
         "train.image_size": 227,
+        "train.resize_ratio": 1.142857,  # as measured on the GPU: the paper's crops, not the CPU default's
         "train.width": 1.0,
         "train.init": "kaiming",
         "train.schedule": "onecycle",
