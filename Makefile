@@ -21,7 +21,7 @@ $(STAMP): pyproject.toml constraints.txt
 
 # The plots page, again when missing (DVC fails on a configured template that is not there) or
 # after an install; config.local holds this machine's settings, the path relative to .dvc/
-$(PLOTS_PAGE): $(STAMP)
+$(PLOTS_PAGE): $(STAMP) src/alexops/plots_page.py
 	$(BIN)/python -m alexops.plots_page $@
 	$(BIN)/dvc config --local plots.html_template $(patsubst .dvc/%,%,$@)
 

@@ -40,7 +40,7 @@ def declared(source, name: str = "shapes", prepare_opts=None, **entry) -> params
             "base": {"dataset": name},
             "datasets": {name: {"source": str(source), **entry}},
             "prepare": {"workers": 1, **(prepare_opts or {})},
-            "train": {"image_size": 67},  # cache side: 77 px, train's resize
+            "train": {"image_size": 67},  # cache side: 72 px, train's resize
             "fetch": {"retries": 1, "timeout_s": 5},
         }
     )
@@ -325,7 +325,7 @@ def test_skip_leaves_bad_files_out_and_reads_every_good_form(tmp_path, awkward_f
         3,
         60,
         60,
-    ]  # the largest shorter side: 60 < 77
+    ]  # the largest shorter side: 60 < 72
     assert {c: v["test"] for c, v in found["per_class"].items()} == dict.fromkeys(CLASSES, 2)
     stats = json.loads((paths.prepared / "stats.json").read_text())
     assert stats["classes"] == list(CLASSES) and stats["capture"]["size"] == 60

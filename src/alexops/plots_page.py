@@ -37,7 +37,9 @@ from alexops import files
 from alexops.errors import AlexopsError
 
 # The Vega-Lite release the bundle carries: DVC's chart templates are Vega-Lite 5 specs (its
-# CDN page loads vega-lite 5.2.0), so the last 5.x rather than vl-convert's default 6.x
+# CDN page loads vega-lite 5.2.0), so the last 5.x rather than vl-convert's default 6.x. vega
+# and vega-embed are vl-convert's (6.2 and 7.0, DVC's CDN 5.20 and 6.18): Vega-Lite compiles
+# to the vega it is bundled with; tests/test_plots_offline.py draws DVC's charts with them.
 VEGA_LITE = "5.21"
 PLACEHOLDERS = ("{plot_divs}", "{scripts}", "{refresh_tag}")  # what DVC's HTML.embed replaces
 SCRIPT_END = re.compile(r"</(script)", re.IGNORECASE)  # would end the inline <script> early
