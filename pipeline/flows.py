@@ -33,6 +33,7 @@ import fcntl
 import io
 import json
 import logging
+import math
 import os
 import re
 import subprocess
@@ -125,10 +126,10 @@ class TrainingProgress:
 
     def feed(self, line: str) -> None:
         if (epoch := progress.parse_epoch(line)) is not None:
+            validation = "" if math.isnan(epoch.val_accuracy) else f" · val accuracy {epoch.val_accuracy:.4f}"
             self.summary = (
                 f"epoch {epoch.epoch}/{epoch.epochs} · loss {epoch.loss:.4f} · accuracy {epoch.accuracy:.4f}"
-                f" · val accuracy {epoch.val_accuracy:.4f} · {epoch.seconds:.0f} s/epoch"
-                f" · ETA {_minutes(epoch.eta_s)}"
+                f"{validation} · {epoch.seconds:.0f} s/epoch · ETA {_minutes(epoch.eta_s)}"
             )
             self.publish(100 * epoch.fraction, force=True)
         elif (bar := TRAINING_BAR.match(line)) is not None:

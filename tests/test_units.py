@@ -314,6 +314,30 @@ def test_a_progress_bar_in_a_log_writes_whole_lines(monkeypatch, capsys):
     assert len(set(lines)) == len(lines) and "3/3" in lines[-1]
 
 
+@pytest.mark.parametrize("val_size", [5000, 0])
+def test_the_epoch_line_reads_back_with_or_without_validation(val_size):
+    """train prints one line per epoch and the Prefect flow parses it back; with train.val_size
+    0 there is no validation to print (the history holds NaN), and no `nan` reaches the line."""
+    from alexops import progress
+
+    val = (0.3561, 0.8634) if val_size else (math.nan, math.nan)
+    rows = [
+        {"epoch": e, "train_loss": 0.4123, "train_accuracy": 0.8512, "val_loss": val[0],
+         "val_accuracy": val[1], "lr": 0.032, "seconds": 26.0 + e}
+        for e in (1, 2, 3)
+    ]  # fmt: skip
+    line = progress.format_epoch(rows, 30)
+    assert ("val_acc 0.8634" in line) == bool(val_size) and "nan" not in line
+    epoch = progress.parse_epoch(line)
+    assert (epoch.epoch, epoch.epochs, epoch.loss, epoch.accuracy) == (3, 30, 0.4123, 0.8512)
+    assert epoch.seconds == 29 and epoch.eta_s == 27 * 28
+    if val_size:
+        assert (epoch.val_loss, epoch.val_accuracy) == val
+    else:
+        assert math.isnan(epoch.val_loss) and math.isnan(epoch.val_accuracy)
+    assert progress.parse_epoch("epoch 3/30: 50%|#####") is None
+
+
 @pytest.mark.parametrize(
     "recorded, otherwise",
     [

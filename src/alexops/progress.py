@@ -9,6 +9,7 @@ whatever copy of the workspace DVC runs it in).
 from __future__ import annotations
 
 import io
+import math
 import re
 import sys
 from collections.abc import Iterable
@@ -22,14 +23,15 @@ LOG_INTERVAL_S = 30.0
 
 _EPOCH = re.compile(
     r"^epoch (?P<epoch>\d+)/(?P<epochs>\d+): loss (?P<loss>\S+) acc (?P<acc>\S+) "
-    r"val_loss (?P<val_loss>\S+) val_acc (?P<val_acc>\S+) lr \S+ · (?P<seconds>\d+) s · "
+    r"(?:val_loss (?P<val_loss>\S+) val_acc (?P<val_acc>\S+) )?lr \S+ · (?P<seconds>\d+) s · "
     r"ETA (?P<eta_m>\d+)m(?P<eta_s>\d+)s$"
 )
 
 
 @dataclass(frozen=True)
 class Epoch:
-    """One finished epoch: losses and accuracies as fractions, times in seconds."""
+    """One finished epoch: losses and accuracies as fractions, times in seconds; the val_ fields
+    are NaN when the run holds no validation images out (train.val_size 0)."""
 
     epoch: int
     epochs: int
@@ -47,14 +49,17 @@ class Epoch:
 
 def format_epoch(history: list[dict], epochs: int) -> str:
     """`epoch 3/30: loss 0.4123 acc 0.8512 val_loss 0.3561 val_acc 0.8634 lr 3.20e-02 · 26 s · ETA 11m42s`
-    from train's history rows (the ETA: the mean epoch time so far × epochs left)."""
+    from train's history rows (the ETA: the mean epoch time so far × epochs left); without
+    validation images (train.val_size 0, NaN in the row) the line has no val_loss and val_acc."""
     row = history[-1]
     mean_s = sum(r["seconds"] for r in history) / len(history)
     eta_s = round(mean_s * (epochs - row["epoch"]))
+    validation = ""
+    if not math.isnan(row["val_accuracy"]):
+        validation = f"val_loss {row['val_loss']:.4f} val_acc {row['val_accuracy']:.4f} "
     return (
         f"epoch {row['epoch']}/{epochs}: loss {row['train_loss']:.4f} acc {row['train_accuracy']:.4f} "
-        f"val_loss {row['val_loss']:.4f} val_acc {row['val_accuracy']:.4f} lr {row['lr']:.2e} "
-        f"· {row['seconds']:.0f} s · ETA {eta_s // 60}m{eta_s % 60:02d}s"
+        f"{validation}lr {row['lr']:.2e} · {row['seconds']:.0f} s · ETA {eta_s // 60}m{eta_s % 60:02d}s"
     )
 
 
@@ -65,8 +70,8 @@ def parse_epoch(line: str) -> Epoch | None:
         return None
     g = found.groupdict()
     return Epoch(
-        int(g["epoch"]), int(g["epochs"]), float(g["loss"]), float(g["acc"]), float(g["val_loss"]),
-        float(g["val_acc"]), float(g["seconds"]), 60 * float(g["eta_m"]) + float(g["eta_s"]),
+        int(g["epoch"]), int(g["epochs"]), float(g["loss"]), float(g["acc"]), float(g["val_loss"] or "nan"),
+        float(g["val_acc"] or "nan"), float(g["seconds"]), 60 * float(g["eta_m"]) + float(g["eta_s"]),
     )  # fmt: skip
 
 

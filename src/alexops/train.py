@@ -514,7 +514,9 @@ def curves_png(history: list[dict]) -> bytes:
     fig, axes = plt.subplots(1, 2, figsize=(10, 4), dpi=100)
     for ax, metric in zip(axes, ("loss", "accuracy"), strict=True):
         for split in ("train", "val"):
-            ax.plot(epochs, [row[f"{split}_{metric}"] for row in history], marker="o", label=split)
+            values = [row[f"{split}_{metric}"] for row in history]
+            if not all(math.isnan(v) for v in values):  # no val line when train.val_size is 0
+                ax.plot(epochs, values, marker="o", label=split)
         ax.set(xlabel="epoch", ylabel=metric, title=metric)
         ax.grid(alpha=0.3)
         ax.legend()
