@@ -86,6 +86,11 @@ PLAN = [
     ("rr107_ls", ["dropout=0.25", "label_smoothing=0.1", "resize_ratio=1.0707"], 42),
     ("rr104_ls", ["dropout=0.25", "label_smoothing=0.1", "resize_ratio=1.0404"], 42),
     ("rr100_ls", ["dropout=0.25", "label_smoothing=0.1", "resize_ratio=1.0"], 42),
+    # on row 14's crops: no dropout again, and no validation hold-out (all 60,000 images train)
+    ("rr107_do0_ls", ["dropout=0.0", "label_smoothing=0.1", "resize_ratio=1.0707"], 42),
+    ("rr107_val0_ls", ["dropout=0.25", "label_smoothing=0.1", "resize_ratio=1.0707", "val_size=0"], 42),
+    # row 14 again on the VM that ran rows 17-18 (AVX2, 2026-12-01): their like-for-like reference
+    ("rr107_ls_milan", ["dropout=0.25", "label_smoothing=0.1", "resize_ratio=1.0707"], 42),
 ]
 FINAL_SEEDS = (1, 2)
 

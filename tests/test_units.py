@@ -145,7 +145,7 @@ def test_schedules():
     onecycle = params.from_dict({"train": {"epochs": 10, "lr": 0.1}}).train
     lrs = [train.lr_at(onecycle, step, 100, 1.0) for step in range(100)]
     assert lrs[0] == pytest.approx(0.004) and max(lrs) == pytest.approx(0.1) and lrs[-1] < 1e-3
-    plateau = params.from_dict({"train": {"lr": 0.01, "schedule": "plateau"}}).train
+    plateau = params.from_dict({"train": {"lr": 0.01, "schedule": "plateau", "val_size": 100}}).train
     assert train.lr_at(plateau, 50, 100, 0.1) == pytest.approx(0.001)
 
 

@@ -135,8 +135,9 @@ class TrainParams:
     # validated and shipped (w_avg ← d·w_avg + (1 - d)·w; horizon ≈ 1/(1 - d) steps, warmed up as
     # TensorFlow's: train.ema_with_warmup); 0: off.
     ema_decay: float = _rule(0.0, min=0.0, max=0.99999)
-    # Held out of the training set for per-epoch validation and the plateau schedule.
-    val_size: int = _rule(5000, min=0)
+    # Held out of the training set for per-epoch validation and the plateau schedule; 0: none,
+    # every training image trains (the one-cycle and cosine schedules never look at validation).
+    val_size: int = _rule(0, min=0)
     flip: bool = _rule(True)
     lighting_std: float = _rule(0.1, min=0.0, max=1.0)
     # Before fc6 and fc7; the paper's 0.5 costs the quarter-width default accuracy (README, "What
@@ -261,7 +262,8 @@ def from_dict(raw: Any, source: str = "params") -> Params:
     if loaded.train.schedule == "plateau" and loaded.train.val_size == 0:
         raise AlexopsError(
             f"{source}: train.schedule plateau lowers the learning rate on validation error, but "
-            "train.val_size is 0. Fix: hold out validation images (train.val_size) or pick another schedule."
+            "train.val_size is 0 (the default: every training image trains). Fix: hold out validation "
+            "images with it (-S train.val_size=5000, as the gpu preset does) or pick another schedule."
         )
     return loaded
 
