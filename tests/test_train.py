@@ -75,3 +75,18 @@ def test_divergence_stops_with_a_clear_error_before_anything_is_saved(prepared):
             session, train.split_validation(paths, 40, 0), loaded.train, 0, 64, train.Progress(), saved.append
         )
     assert saved == []  # the per-epoch checkpoint hook never ran
+
+
+def test_the_train_stage_without_validation_images_trains_on_all_and_prints_no_nan(prepared):
+    """train.val_size 0, the default: every training image trains, and no NaN reaches the
+    epoch lines or train.json (the history keeps NaN for the missing validation)."""
+    raw = yaml.safe_load((prepared / "params.yaml").read_text())
+    raw["train"]["val_size"] = 0
+    (prepared / "params.yaml").write_text(yaml.safe_dump(raw))
+    done = subprocess.run(train_command(prepared), check=True, capture_output=True, text=True)
+    epochs = [line for line in done.stdout.splitlines() if line.startswith("epoch ")]
+    assert len(epochs) == raw["train"]["epochs"]
+    assert not any("nan" in line or "val_" in line for line in epochs)
+    assert " 0 val images" in done.stdout
+    summary = files.read_json(prepared / "reports" / "fashion-mnist" / "train.json", produced_by="train")
+    assert summary["val_accuracy"] is None and 0 < summary["train_accuracy"] <= 1
