@@ -384,3 +384,26 @@ def test_a_version_remembers_its_newest_tests_with_nan_as_null():
     for text in not_written:  # not what register writes
         broken = ModelVersion("m", "1", 0, tags=[ModelVersionTag(register.TESTS_TAG, text)])
         assert register.tests_of(broken) == ({"c d": 0.5} if "c d" in text else {})
+
+
+@pytest.mark.parametrize("wrong", [0, 3])
+def test_the_mistakes_picture_shows_the_mistakes_or_says_there_are_none(wrong):
+    """evaluate's mistakes.png: a grid of the worst mistakes; with none (a folder dataset the
+    model learned perfectly), a line that says so, not a title over an empty canvas."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    from alexops import figures
+
+    labels = torch.tensor([0, 1, 2, 0, 1, 2])
+    probs = torch.nn.functional.one_hot(labels, 3).float()
+    probs[:wrong] = probs[:wrong].roll(1, dims=1)  # the first `wrong` images predicted one class off
+    worst = figures.worst_mistakes(probs, labels)
+    assert sorted(worst.tolist()) == list(range(wrong))
+    views = torch.full((6, 1, 8, 8), -2.0)[worst]  # black once the normalisation is undone
+    png = figures.mistakes_grid(views, labels[worst], probs[worst], ["a", "b", "c"], RECIPE, "centre crop")
+    picture = np.asarray(Image.open(io.BytesIO(png)).convert("L"))
+    lower_half = picture[picture.shape[0] // 2 :]
+    assert (lower_half < 128).any(), "below the title: the images, or the line saying there are none"

@@ -239,9 +239,10 @@ def quantize_stage(params: Params, paths: Paths) -> dict:
     report["float_layers"] = list(params.quantize.float_layers)
     report["int8_ops"] = {op: n for op, n in op_counts(proto).items() if op in QDQ_OPS}
     files.write_json(paths.reports / "quantize.json", report)
+    batch = report["throughput_batch"]  # THROUGHPUT_BATCH, or every test image when fewer
     print(
         f"quantize: {paths.int8_onnx} ({len(int8_bytes) / 1e6:.1f} MB), test accuracy int8 {acc['int8']:.4f} "
-        f"vs fp32 {acc['fp32']:.4f}, batch-{THROUGHPUT_BATCH} speed-up {report['int8_speedup']:.2f}×"
+        f"vs fp32 {acc['fp32']:.4f}, batch-{batch} speed-up {report['int8_speedup']:.2f}×"
     )
     return report
 
