@@ -58,6 +58,7 @@ def test_a_folder_dataset_trains_registers_and_serves_its_class_names(workspace,
     reports = workspace / "reports" / "shapes"
     found = json.loads((reports / "prepare.json").read_text())
     assert found["classes"] == list(CLASSES) and found["images"] == {"train": 30, "test": 12}
+    assert "batch-12 speed-up" in first.stdout  # quantize times every test image when fewer than 64
     assert [(p["path"], p["reason"]) for p in found["problems"]] == [("square/broken.jpg", "corrupt_image")]
     evaluation = json.loads((reports / "evaluate.json").read_text())
     assert list(evaluation["per_class_accuracy"]) == list(CLASSES)

@@ -5,7 +5,7 @@ conv3-5, the fully connected layers, ReLUs and pools (weights int8 per output ch
 activations uint8 with ranges calibrated on training images through the same
 preprocessing as the test). The int8 model is kept only if its centre-crop accuracy on the whole prepared test
 set is within `quantize.max_accuracy_drop` of the fp32 model's; the report also holds the
-file sizes and the batch-64 throughput of both on this machine.
+file sizes and the throughput of both on this machine at batch 64 (every test image, when fewer).
 """
 
 from __future__ import annotations
