@@ -1,12 +1,15 @@
 """The pure pieces: augmentation, statistics, schedules, the promotion rule, the confusion matrix."""
 
+import io
 import math
 import subprocess
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 
-from alexops import augment, datasets, params, prepare, register, tracking, train
+from alexops import augment, datasets, figures, params, prepare, register, tracking, train
 from alexops.evaluate import confusion_matrix, majority_baseline
 
 RECIPE = augment.Recipe.create(67, 256 / 224, [0.5], [0.25])
@@ -390,13 +393,6 @@ def test_a_version_remembers_its_newest_tests_with_nan_as_null():
 def test_the_mistakes_picture_shows_the_mistakes_or_says_there_are_none(wrong):
     """evaluate's mistakes.png: a grid of the worst mistakes; with none (a folder dataset the
     model learned perfectly), a line that says so, not a title over an empty canvas."""
-    import io
-
-    import numpy as np
-    from PIL import Image
-
-    from alexops import figures
-
     labels = torch.tensor([0, 1, 2, 0, 1, 2])
     probs = torch.nn.functional.one_hot(labels, 3).float()
     probs[:wrong] = probs[:wrong].roll(1, dims=1)  # the first `wrong` images predicted one class off

@@ -83,21 +83,12 @@ def mistakes_grid(
     probability; with no views (every test image right), a picture that says so."""
     title = f"The test images the model gets most wrong ({how})"
     if len(views) == 0:
-        return message_png(f"None: every test image is classified right ({how}).", title)
+        return table_png(f"None: every test image is classified right ({how}).", title)
     titles = []
     for y, p in zip(labels.tolist(), probs, strict=True):
         guess = int(p.argmax())
         titles.append(f"true: {classes[y]}\npred: {classes[guess]} {p[guess]:.0%}")
     return image_grid(displayable(views, recipe), titles, title)
-
-
-def message_png(text: str, title: str) -> bytes:
-    """One line of text under a title, where a picture has nothing to show."""
-    plt = _pyplot()
-    fig = plt.figure(figsize=(8, 1.6), dpi=100)
-    fig.text(0.5, 0.8, title, fontsize=11, va="center", ha="center")
-    fig.text(0.5, 0.35, text, fontsize=10, va="center", ha="center")
-    return _png(fig, plt)
 
 
 def table_png(text: str, title: str) -> bytes:
