@@ -38,7 +38,7 @@ PRESETS: dict[str, dict[str, object]] = {
     # random erasing and a weight average; bf16 where the hardware has it. On one H200: 50 epochs
     # in 153 s of training for 94.10% on Fashion-MNIST (10-crop), 30 epochs 93.27% (README, "GPU").
     # Quantised with every convolution int8: its fully connected layers, 96% of the weights, make
-    # int8 pay (2.8× fp32 at batch 1, 2.3× at batch 64 on 2 cores; README, "int8 where it pays").
+    # int8 pay (2.7× fp32 at batch 1, 2.35× at batch 64 on 2 cores; README, "int8 where it pays").
     # `base.device` stays as params.yaml has it.
     "paper": {
         "train.image_size": 227,
