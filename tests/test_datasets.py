@@ -483,6 +483,36 @@ def test_decoding_workers_run_blas_on_one_thread():
         assert pool.submit(blas_threads).result() == [1] * len(blas_threads())
 
 
+def test_decoding_in_this_process_runs_blas_on_one_thread_and_restores_it(tmp_path, monkeypatch):
+    """Few images, or `prepare.workers: 1`, decode in the stage's own process: its BLAS threads
+    spun beside it (twice the CPU time for the same images)."""
+    if max(blas_threads()) < 2:
+        pytest.skip("numpy's BLAS runs on one thread here already: nothing to limit")
+    before, seen = blas_threads(), []
+    decode_chunk = folders.decode_chunk
+
+    def recording(*args):
+        seen.append(blas_threads())
+        return decode_chunk(*args)
+
+    monkeypatch.setattr(folders, "decode_chunk", recording)
+    source = tmp_path / "source"
+    write_folder(source, per_class=3, size=(50, 70))
+    fetched_and_prepared(tmp_path / "project", declared(source, prepare_opts={"workers": 1}))
+    assert seen and all(threads == [1] * len(before) for threads in seen)
+    assert blas_threads() == before
+
+
+@pytest.mark.parametrize(
+    ("name", "is_hidden"),
+    [(".DS_Store", True), ("a/.hidden.png", True), ("a/.git/b.png", True), ("__MACOSX/a/b.png", True),
+     ("a/Thumbs.db", True), ("a/b.png", False), ("a/./b.png", False), ("a//b.png", False),
+     ("train/a.b/c.png", False), ("train/", False)],
+)  # fmt: skip
+def test_dot_files_and_archivers_junk_are_hidden_and_nothing_else(name, is_hidden):
+    assert folders.hidden(name) is is_hidden
+
+
 # ---- the cache: memory-mapped, streamed when it does not fit -----------------------------------
 
 

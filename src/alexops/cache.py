@@ -75,11 +75,13 @@ class NewImages:
         return np.load(self.path, mmap_mode="r+")
 
     def commit(self) -> str:
-        """Rename into place; the SHA-256 of the file's bytes."""
+        """Rename into place, synced to disk; the SHA-256 of the file's bytes."""
         try:
-            digest = files.sha256_file(self.path)
-            with open(self.path, "rb+") as stream:
-                os.fsync(stream.fileno())
+            # The disk writes while the hash reads the page cache: both release the GIL.
+            with ThreadPoolExecutor(1) as pool:
+                synced = pool.submit(_fsync, self.path)
+                digest = files.sha256_file(self.path)
+                synced.result()
             os.replace(self.path, self.target)
         except OSError as exc:
             raise cannot_write(self.target, exc) from exc
@@ -89,6 +91,11 @@ class NewImages:
 
     def discard(self) -> None:
         self.path.unlink(missing_ok=True)
+
+
+def _fsync(path: Path) -> None:
+    with open(path, "rb+") as stream:
+        os.fsync(stream.fileno())
 
 
 def _npy_header(shape: tuple[int, ...]) -> bytes:

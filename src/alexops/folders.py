@@ -203,7 +203,9 @@ def unique_names(members: list[Member], archive: str) -> list[Member]:
 
 
 def hidden(name: str) -> bool:
-    return any(part.startswith(".") or part in JUNK_NAMES for part in PurePosixPath(name).parts)
+    """Whether a member's name (a/b/c, "/"-separated) has a dot-file part or junk: skipped.
+    Plain string parts, not PurePosixPath's: a quarter of the time, which 100,000 files notice."""
+    return any((part.startswith(".") and part != ".") or part in JUNK_NAMES for part in name.split("/"))
 
 
 def structure(members: list[Member]) -> Listing:
@@ -428,9 +430,15 @@ def decode_all(
     results: list[Decoded] = []
     with progress.bar(total=len(entries), desc=desc, unit="img") as bar:
         if workers <= 1 or len(entries) < INLINE_BELOW:
-            for chunk in chunked(items, CHUNK_ITEMS):
-                results.extend(decode_chunk(spec, source, chunk))
-                bar.update(len(chunk))
+            from threadpoolctl import threadpool_limits
+
+            # one BLAS thread, as in a worker: this process decodes on one core, and the BLAS
+            # threads of the pixel moments spun on the others (2,000 photos on 2 cores: 12 s of
+            # CPU in 6.5 s, now 5-6.5 s), taking them from whatever else runs
+            with threadpool_limits(limits=1, user_api="blas"):
+                for chunk in chunked(items, CHUNK_ITEMS):
+                    results.extend(decode_chunk(spec, source, chunk))
+                    bar.update(len(chunk))
             _outputs.pop(spec.out, None)
         else:
             results = _in_pool(items, spec, source, workers, bar)
