@@ -6,8 +6,11 @@ from __future__ import annotations
 import multiprocessing
 import os
 import signal
+import socket
 import subprocess
+import sys
 import time
+import urllib.request
 from pathlib import Path
 
 import mlflow
@@ -70,6 +73,10 @@ def test_a_signal_stops_the_stage_its_run_ends_killed_and_a_rerun_resumes(prepar
     finished = the_run(prepared)
     assert finished.info.run_id == stopped.info.run_id and finished.info.status == "FINISHED"
     assert "failure.reason" not in finished.data.tags
+    history = client_for(os.environ["MLFLOW_TRACKING_URI"]).get_metric_history(
+        finished.info.run_id, "train_loss"
+    )
+    assert sorted(m.step for m in history) == list(range(1, 9))  # every epoch once, across the stop
 
 
 def test_a_run_whose_process_was_killed_9_is_closed_by_the_next_stage(prepared):
@@ -300,3 +307,123 @@ def _stage_processes(workspace: Path) -> list[int]:
         except OSError:
             continue
     return found
+
+
+# --- an MLflow server that goes away mid-training ---------------------------------------------
+
+
+class TrackingServer:
+    """A real `mlflow server` on 127.0.0.1 (SQLite behind it) that a test stops and starts again
+    on the same port."""
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            self.port = probe.getsockname()[1]
+        self.uri = f"http://127.0.0.1:{self.port}"
+        self.process: subprocess.Popen | None = None
+
+    def start(self) -> None:
+        log = open(self.directory / "server.log", "a")  # noqa: SIM115 (the server writes it)
+        self.process = subprocess.Popen(
+            [str(Path(sys.executable).with_name("mlflow")), "server", "--host", "127.0.0.1",
+             "--port", str(self.port), "--workers", "1",
+             "--backend-store-uri", f"sqlite:///{self.directory}/mlflow.db",
+             "--artifacts-destination", (self.directory / "artifacts").as_uri()],
+            stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+        )  # fmt: skip
+        log.close()
+        deadline = time.monotonic() + 180
+        while not self.answers():
+            assert self.process.poll() is None, (self.directory / "server.log").read_text()[-3000:]
+            assert time.monotonic() < deadline, "the MLflow server did not answer within 180 s"
+            time.sleep(0.3)
+
+    def answers(self) -> bool:
+        try:
+            with urllib.request.urlopen(f"{self.uri}/health", timeout=2):
+                return True
+        except OSError:
+            return False
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGTERM)
+            self.process.wait(timeout=60)
+
+
+@pytest.fixture
+def server(tmp_path):
+    tracking_server = TrackingServer(tmp_path)
+    tracking_server.start()
+    yield tracking_server
+    tracking_server.stop()
+
+
+def train_against(root: Path, server: TrackingServer, epochs: int, log: Path, **env: str) -> subprocess.Popen:
+    """`alexops train` on `server`, failing fast when it is down (no retries), its output in `log`."""
+    set_train(root, epochs=epochs)
+    environment = os.environ | {"MLFLOW_TRACKING_URI": server.uri, "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0"}
+    with open(log, "w") as out:
+        return subprocess.Popen(stage_command(root, "train"), stdout=out, stderr=subprocess.STDOUT,
+                                env=environment | env, text=True)  # fmt: skip
+
+
+def wait_for_output(log: Path, text: str, process: subprocess.Popen) -> None:
+    deadline = time.monotonic() + 300
+    while text not in log.read_text():
+        assert process.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
+        time.sleep(0.1)
+
+
+def logged_epochs(server: TrackingServer, run_id: str, key: str) -> list[int]:
+    return sorted(m.step for m in client_for(server.uri).get_metric_history(run_id, key))
+
+
+def test_a_tracking_server_down_mid_training_holds_the_metrics_back_and_loses_none(
+    prepared, server, tmp_path
+):
+    log = tmp_path / "train.log"
+    training = train_against(prepared, server, epochs=6, log=log)
+    wait_for_output(log, "epoch 1/6", training)
+    server.stop()
+    wait_for_output(
+        log, "are held back: the MLflow tracking store does not take them", training
+    )  # held back, training goes on
+    server.start()
+    assert training.wait(timeout=600) == 0, log.read_text()[-3000:]
+    assert "the MLflow tracking store took the held-back metrics of epoch" in log.read_text()
+    run = the_run(prepared)
+    assert run.info.status == "FINISHED"
+    for key in ("train_loss", "val_accuracy", "lr"):
+        assert logged_epochs(server, run.info.run_id, key) == [1, 2, 3, 4, 5, 6]  # each epoch, once
+    assert not (prepared / "artifacts" / DATASET / "checkpoint.pt").exists()
+
+
+def test_a_tracking_server_down_past_the_end_keeps_the_weights_and_a_rerun_sends_the_rest(
+    prepared, server, tmp_path
+):
+    log = tmp_path / "train.log"
+    training = train_against(prepared, server, epochs=3, log=log, ALEXOPS_TRACKING_PATIENCE="2")
+    wait_for_output(log, "epoch 1/3", training)
+    server.stop()
+    assert training.wait(timeout=600) == 75, log.read_text()[-3000:]  # transient: a retry may pass
+    output = log.read_text()
+    (error,) = [line for line in output.splitlines() if line.startswith("alexops train: error:")]
+    assert "did not take the metrics of epoch" in error and "within 2 s" in error
+    assert "checkpoint.pt" in error and "Fix: start the tracking server" in error
+    assert "Traceback" not in output
+    assert (prepared / "artifacts" / DATASET / "checkpoint.pt").exists()  # nothing trained is lost
+    assert not (prepared / "artifacts" / DATASET / "model.pt").exists()  # and nothing half-written
+
+    server.start()
+    rerun = train_against(prepared, server, epochs=3, log=log)
+    assert rerun.wait(timeout=600) == 0, log.read_text()[-3000:]
+    output = log.read_text()
+    assert "resuming after epoch 3" in output and "epoch 1/3" not in output  # not trained again
+    assert "took the held-back metrics of epochs 2-3" in output  # epoch 1's went in before the stop
+    run = the_run(prepared)
+    assert run.info.status == "FINISHED" and "failure.reason" not in run.data.tags
+    assert logged_epochs(server, run.info.run_id, "train_loss") == [1, 2, 3]
+    assert (prepared / "artifacts" / DATASET / "model.pt").exists()

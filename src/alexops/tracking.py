@@ -21,6 +21,7 @@ import fcntl
 import hashlib
 import json
 import logging
+import math
 import os
 import re
 import signal
@@ -47,6 +48,9 @@ PREFECT_FLOW_RUN_ENV = "ALEXOPS_PREFECT_FLOW_RUN_ID"
 DVC_ROOT_ENV = "DVC_ROOT"
 SWEEPS_DIR = Path(".dvc") / "tmp" / "alexops-sweeps"  # exp name → its sweep (alexops.sweep writes)
 LOCKS_DIR = Path(".dvc") / "tmp" / "alexops-locks"
+# how long a finished training waits for a tracking store that is down (EpochMetrics.flush)
+PATIENCE_ENV = "ALEXOPS_TRACKING_PATIENCE"
+DEFAULT_PATIENCE_S = 180.0
 
 
 # ---- where the store is ---------------------------------------------------------------------
@@ -147,7 +151,10 @@ def may_pass(exc: BaseException) -> bool:
     status = getattr(exc, "get_http_status_code", lambda: None)()
     if isinstance(status, int) and status >= 500 and status != 501:
         return True
-    return "database is locked" in str(exc) or (exc.__cause__ is not None and may_pass(exc.__cause__))
+    # MLflow's REST client raises its MlflowException inside the `except` for the connection
+    # error, without `from`: the cause is then the exception's context
+    cause = exc.__cause__ or exc.__context__
+    return "database is locked" in str(exc) or (cause is not None and may_pass(cause))
 
 
 def experiment_name(params: Params) -> str:
@@ -238,6 +245,102 @@ def new_run(params: Params, paths: Paths, run_id: str | None = None) -> Iterator
         record = {"run_id": run.info.run_id, "tracking_uri": redacted(tracking_uri(paths.root))}
         files.write_json(paths.mlflow_run, record)
         yield mlflow
+
+
+class EpochMetrics:
+    """Each epoch's metrics on their way to the run, held back while the store does not take them.
+
+    A training of minutes outlives a tracking server's restart: an epoch whose metrics the store
+    does not take for a reason that may pass (`may_pass`: no connection, a timeout, a 5xx) is kept
+    and sent, in order, with a later epoch's; each keeps its epoch as MLflow's `step` and the time
+    it ended. The checkpoint is written before an epoch's metrics are sent, so a resumed run first
+    sends those of its checkpoint's epochs that the store lacks: every epoch is in the run once."""
+
+    KEY = "train_loss"  # logged for every epoch: which epochs the store holds
+
+    def __init__(self, mlflow, history: list[dict]) -> None:
+        self.mlflow = mlflow
+        run_id = mlflow.active_run().info.run_id
+        held = {m.step for m in mlflow.MlflowClient().get_metric_history(run_id, self.KEY)}
+        now = int(time.time() * 1000)
+        self.unsent = [(row, now) for row in history if row["epoch"] not in held]
+        self.late = bool(self.unsent)  # a resumed run's epochs that the store lacks
+        self.why = ""
+
+    def add(self, row: dict) -> None:
+        """Send epoch `row` (and any held back before it); on a passing failure, say so and go on."""
+        self.unsent.append((row, int(time.time() * 1000)))
+        if not self.send():
+            print(
+                f"train: the metrics of {self.epochs()} are held back: the MLflow tracking store "
+                f"does not take them ({self.why}); training goes on, and they are sent after the next epoch",
+                flush=True,
+            )
+
+    def send(self) -> bool:
+        """Send the held-back epochs in order; False if the store did not take them all."""
+        sending = self.epochs() if self.unsent else ""
+        while self.unsent:
+            row, ended = self.unsent[0]
+            metrics = {k: v for k, v in row.items() if k != "epoch" and not math.isnan(v)}
+            try:
+                self.mlflow.log_metrics(metrics, step=row["epoch"], timestamp=ended)
+            except Exception as exc:
+                if not may_pass(exc):
+                    raise
+                self.late, self.why = True, root_cause(exc)
+                return False
+            self.unsent.pop(0)
+        if self.late:
+            print(f"train: the MLflow tracking store took the held-back metrics of {sending}", flush=True)
+            self.late = False
+        return True
+
+    def flush(self, patience_s: float, checkpoint: Path) -> None:
+        """Send every held-back epoch, waiting up to `patience_s` seconds for the store.
+
+        Raises AlexopsError (transient) if it does not answer by then; the checkpoint stays, so a
+        rerun resumes without training and sends them."""
+        deadline = time.monotonic() + patience_s
+        delay = 1.0
+        while not self.send():
+            if time.monotonic() + delay > deadline:
+                raise AlexopsError(
+                    f"training finished, but the MLflow tracking store did not take the metrics of "
+                    f"{self.epochs()} within {patience_s:.0f} s ({self.why}). The trained weights are "
+                    f"kept in {checkpoint}. Fix: start the tracking server (the team stack: `make "
+                    f"stack`), then rerun: train resumes there without training again and sends them "
+                    f"(or wait longer: {PATIENCE_ENV}, in seconds).",
+                    transient=True,
+                )
+            if delay == 1.0:
+                print(f"train: waiting up to {patience_s:.0f} s for the MLflow tracking store to take "
+                      f"the metrics of {self.epochs()}", flush=True)  # fmt: skip
+            time.sleep(delay)
+            delay = min(2 * delay, 15.0)
+
+    def epochs(self) -> str:
+        held = [row["epoch"] for row, _ in self.unsent]
+        return f"epoch {held[0]}" if len(held) == 1 else f"epochs {held[0]}-{held[-1]}"
+
+
+def root_cause(exc: BaseException) -> str:
+    """The first failure under an exception's chain, in a few words: `[Errno 111] Connection
+    refused` rather than MLflow's wrapping of urllib3's wrapping of it."""
+    while (inner := exc.__cause__ or exc.__context__) is not None:
+        exc = inner
+    return one_line(exc) or exc.__class__.__name__
+
+
+def patience_s() -> float:
+    """How long a finished training waits for the tracking store to take held-back metrics."""
+    value = os.environ.get(PATIENCE_ENV, "").strip()
+    try:
+        return float(value) if value else DEFAULT_PATIENCE_S
+    except ValueError:
+        raise AlexopsError(
+            f"{PATIENCE_ENV} must be a number of seconds, not {value!r}. Fix: e.g. {PATIENCE_ENV}=300."
+        ) from None
 
 
 def model_run_id(paths: Paths) -> str:

@@ -1,7 +1,9 @@
 """Stage `train`: AlexNet with SGD on the uint8 cache, augmented per batch on the device.
 
-A checkpoint is written after every epoch and deleted when training finishes; a rerun with the
-same params and data resumes from it (the crash case) instead of starting over. The whole dataset lives on the
+A checkpoint is written after every epoch and deleted when training finishes and is recorded; a
+rerun with the same params and data resumes from it (the crash case) instead of starting over. An
+MLflow server that is down mid-training does not stop it: the epochs' metrics wait for it
+(`tracking.EpochMetrics`). The whole dataset lives on the
 training device as uint8 (47 MB for Fashion-MNIST), so there is no DataLoader; a cache beyond the
 memory budget is read from its memory map a few batches ahead of the step (`cache.batches`).
 """
@@ -287,12 +289,12 @@ def train_on(params: Params, paths: Paths, device: torch.device, world: distribu
     # rank 0 alone talks to MLflow and writes files; the others only train
     tracked = tracking.new_run(params, paths, run_id) if world.is_main else contextlib.nullcontext()
     with tracked as mlflow:
+        sent = tracking.EpochMetrics(mlflow, progress.history) if world.is_main else None
 
         def after_epoch(progress: Progress) -> None:
-            row = progress.history[-1]
-            metrics = {k: v for k, v in row.items() if k != "epoch" and not math.isnan(v)}
-            mlflow.log_metrics(metrics, step=row["epoch"])
+            # the epoch's weights are on disk before anything that may fail with the network
             save_checkpoint(paths, session, progress, expected, mlflow.active_run().info.run_id)
+            sent.add(progress.history[-1])
 
         if world.is_main:  # look before you train: the inputs and the model, before the first step
             for name in write_previews(paths, session, data, opts, params.base.seed, stats["classes"]):
@@ -305,11 +307,13 @@ def train_on(params: Params, paths: Paths, device: torch.device, world: distribu
         if world.is_main:
             if world.size > 1:
                 print(f"train: weights identical on all {world.size} ranks")
+            sent.flush(tracking.patience_s(), paths.checkpoint)
             write_outputs(paths, session, stats, progress)
-            paths.checkpoint.unlink(missing_ok=True)  # finished: a forced rerun trains afresh
             mlflow.log_metrics({"parameters": count_parameters(session.model)})
             for name in ("train.json", "train_history.csv", "curves.png"):
                 mlflow.log_artifact(str(paths.reports / name), artifact_path="train")
+            # finished and recorded: a forced rerun trains afresh (until then, a rerun resumes)
+            paths.checkpoint.unlink(missing_ok=True)
 
 
 def split_validation(paths: Paths, val_size: int, seed: int):
