@@ -427,3 +427,23 @@ def test_a_tracking_server_down_past_the_end_keeps_the_weights_and_a_rerun_sends
     assert run.info.status == "FINISHED" and "failure.reason" not in run.data.tags
     assert logged_epochs(server, run.info.run_id, "train_loss") == [1, 2, 3]
     assert (prepared / "artifacts" / DATASET / "model.pt").exists()
+
+
+@pytest.mark.parametrize(
+    "value, seconds", [(None, 180.0), ("", 180.0), ("0", 0.0), (" 2.5 ", 2.5), ("inf", float("inf"))]
+)
+def test_the_tracking_patience_is_read_in_seconds(monkeypatch, value, seconds):
+    if value is None:
+        monkeypatch.delenv(tracking.PATIENCE_ENV, raising=False)
+    else:
+        monkeypatch.setenv(tracking.PATIENCE_ENV, value)
+    assert tracking.patience_s() == seconds
+
+
+@pytest.mark.parametrize("value", ["soon", "-1", "nan", "3m"])
+def test_a_tracking_patience_that_is_no_number_of_seconds_is_one_clear_error(monkeypatch, value):
+    monkeypatch.setenv(tracking.PATIENCE_ENV, value)
+    with pytest.raises(
+        AlexopsError, match=f"ALEXOPS_TRACKING_PATIENCE must be a number of seconds ≥ 0, not '{value}'"
+    ):
+        tracking.patience_s()

@@ -266,6 +266,8 @@ class EpochMetrics:
         self.unsent = [(row, now) for row in history if row["epoch"] not in held]
         self.late = bool(self.unsent)  # a resumed run's epochs that the store lacks
         self.why = ""
+        self.patience_s = patience_s()  # read now: a mistyped value stops the stage before training
+        self.send()
 
     def add(self, row: dict) -> None:
         """Send epoch `row` (and any held back before it); on a passing failure, say so and go on."""
@@ -296,11 +298,12 @@ class EpochMetrics:
             self.late = False
         return True
 
-    def flush(self, patience_s: float, checkpoint: Path) -> None:
-        """Send every held-back epoch, waiting up to `patience_s` seconds for the store.
+    def flush(self, checkpoint: Path) -> None:
+        """Send every held-back epoch, waiting up to `patience_s()` seconds for the store.
 
         Raises AlexopsError (transient) if it does not answer by then; the checkpoint stays, so a
         rerun resumes without training and sends them."""
+        patience_s = self.patience_s
         deadline = time.monotonic() + patience_s
         delay = 1.0
         while not self.send():
@@ -336,11 +339,14 @@ def patience_s() -> float:
     """How long a finished training waits for the tracking store to take held-back metrics."""
     value = os.environ.get(PATIENCE_ENV, "").strip()
     try:
-        return float(value) if value else DEFAULT_PATIENCE_S
+        seconds = float(value) if value else DEFAULT_PATIENCE_S
     except ValueError:
+        seconds = math.nan
+    if not seconds >= 0:  # NaN too
         raise AlexopsError(
-            f"{PATIENCE_ENV} must be a number of seconds, not {value!r}. Fix: e.g. {PATIENCE_ENV}=300."
-        ) from None
+            f"{PATIENCE_ENV} must be a number of seconds ≥ 0, not {value!r}. Fix: e.g. {PATIENCE_ENV}=300."
+        )
+    return seconds
 
 
 def model_run_id(paths: Paths) -> str:

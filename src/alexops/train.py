@@ -3,9 +3,9 @@
 A checkpoint is written after every epoch and deleted when training finishes and is recorded; a
 rerun with the same params and data resumes from it (the crash case) instead of starting over. An
 MLflow server that is down mid-training does not stop it: the epochs' metrics wait for it
-(`tracking.EpochMetrics`). The whole dataset lives on the
-training device as uint8 (47 MB for Fashion-MNIST), so there is no DataLoader; a cache beyond the
-memory budget is read from its memory map a few batches ahead of the step (`cache.batches`).
+(`tracking.EpochMetrics`). The whole dataset lives on the training device as uint8 (47 MB for
+Fashion-MNIST), so there is no DataLoader; a cache beyond the memory budget is read from its memory
+map a few batches ahead of the step (`cache.batches`).
 """
 
 from __future__ import annotations
@@ -307,7 +307,7 @@ def train_on(params: Params, paths: Paths, device: torch.device, world: distribu
         if world.is_main:
             if world.size > 1:
                 print(f"train: weights identical on all {world.size} ranks")
-            sent.flush(tracking.patience_s(), paths.checkpoint)
+            sent.flush(paths.checkpoint)
             write_outputs(paths, session, stats, progress)
             mlflow.log_metrics({"parameters": count_parameters(session.model)})
             for name in ("train.json", "train_history.csv", "curves.png"):
