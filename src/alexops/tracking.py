@@ -286,7 +286,8 @@ class EpochMetrics:
             row, ended = self.unsent[0]
             metrics = {k: v for k, v in row.items() if k != "epoch" and not math.isnan(v)}
             try:
-                self.mlflow.log_metrics(metrics, step=row["epoch"], timestamp=ended)
+                with signals_held():
+                    self.mlflow.log_metrics(metrics, step=row["epoch"], timestamp=ended)
             except Exception as exc:
                 if not may_pass(exc):
                     raise
@@ -408,14 +409,14 @@ def recorded_run(mlflow, stage: str, *, tags: dict[str, str] | None = None, **st
     The run is started with its owner's tags while the graceful signals are held back, so no
     run exists without them: a signal that came meanwhile is raised once the run is guarded,
     and a run whose process died anyway can be told from a live one (close_dead_runs)."""
-    held = _hold_signals()
+    held = HeldSignals()
     try:
         run = mlflow.start_run(tags=owner_tags(stage) | (tags or {}), **start)
     except BaseException:
-        _release_signals(held)
+        held.release()
         raise
     try:
-        _release_signals(held)
+        held.release()
         yield run
     except KeyboardInterrupt as exc:
         _end(mlflow, "KILLED", stage, f"stopped by {exc or 'SIGINT'}")
@@ -430,15 +431,36 @@ def recorded_run(mlflow, stage: str, *, tags: dict[str, str] | None = None, **st
     _end(mlflow, "FINISHED", stage, None)
 
 
-def _hold_signals():
-    if threading.current_thread() is not threading.main_thread():
-        return None
-    return signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM, signal.SIGHUP})
+class HeldSignals:
+    """The graceful stops (SIGINT, SIGTERM, SIGHUP) held back from creation until `release`, which
+    raises the first that came meanwhile through its own handler (in the main thread; elsewhere
+    nothing is held). MLflow writes are made under it: one interrupted midway leaves its SQLite
+    transaction open, and the stage can then not end its run KILLED ("database is locked"). A
+    signal mask would not hold them: the kernel hands a process-directed signal to another thread,
+    and Python runs the handler in the main thread all the same."""
+
+    def __init__(self) -> None:
+        self.caught: list[int] = []
+        self.previous: dict[int, Any] = {}
+        if threading.current_thread() is threading.main_thread():
+            for number in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+                self.previous[number] = signal.signal(number, lambda caught, _: self.caught.append(caught))
+
+    def release(self) -> None:
+        for number, handler in self.previous.items():
+            signal.signal(number, handler if handler is not None else signal.SIG_DFL)
+        self.previous = {}
+        if self.caught:
+            signal.raise_signal(self.caught[0])
 
 
-def _release_signals(held) -> None:
-    if held is not None:
-        signal.pthread_sigmask(signal.SIG_SETMASK, held)
+@contextlib.contextmanager
+def signals_held() -> Iterator[None]:
+    held = HeldSignals()
+    try:
+        yield
+    finally:
+        held.release()
 
 
 def owner_tags(stage: str) -> dict[str, str]:
