@@ -3,6 +3,7 @@ and the registry decision of parallel registers, on a real store with real proce
 
 from __future__ import annotations
 
+import contextlib
 import multiprocessing
 import os
 import signal
@@ -396,6 +397,15 @@ def wait_for_output(log: Path, text: str, process: subprocess.Popen) -> None:
         time.sleep(0.1)
 
 
+@contextlib.contextmanager
+def paused(process: subprocess.Popen):
+    process.send_signal(signal.SIGSTOP)
+    try:
+        yield
+    finally:
+        process.send_signal(signal.SIGCONT)
+
+
 def logged_epochs(server: TrackingServer, run_id: str, key: str) -> list[int]:
     return sorted(m.step for m in client_for(server.uri).get_metric_history(run_id, key))
 
@@ -406,7 +416,8 @@ def test_a_tracking_server_down_mid_training_holds_the_metrics_back_and_loses_no
     log = tmp_path / "train.log"
     training = train_against(prepared, server, epochs=6, log=log)
     wait_for_output(log, "epoch 1/6", training)
-    server.stop()
+    with paused(training):  # so that the server is down before training ends, however fast it is
+        server.stop()
     wait_for_output(
         log, "are held back: the MLflow tracking store does not take them", training
     )  # held back, training goes on
@@ -426,7 +437,8 @@ def test_a_tracking_server_down_past_the_end_keeps_the_weights_and_a_rerun_sends
     log = tmp_path / "train.log"
     training = train_against(prepared, server, epochs=3, log=log, ALEXOPS_TRACKING_PATIENCE="2")
     wait_for_output(log, "epoch 1/3", training)
-    server.stop()
+    with paused(training):
+        server.stop()
     assert training.wait(timeout=600) == 75, log.read_text()[-3000:]  # transient: a retry may pass
     output = log.read_text()
     (error,) = [line for line in output.splitlines() if line.startswith("alexops train: error:")]

@@ -258,15 +258,20 @@ class EpochMetrics:
 
     KEY = "train_loss"  # logged for every epoch: which epochs the store holds
 
-    def __init__(self, mlflow, history: list[dict]) -> None:
+    def __init__(self, mlflow, history: list[dict], patience_s: float) -> None:
         self.mlflow = mlflow
+        # a stop is held through a write only where one cut short locks the store: SQLite's open
+        # transaction (a server's request may hang a minute; Ctrl-C should not wait on it)
+        self.hold = (
+            signals_held if mlflow.get_tracking_uri().startswith("sqlite:") else contextlib.nullcontext
+        )
         run_id = mlflow.active_run().info.run_id
         held = {m.step for m in mlflow.MlflowClient().get_metric_history(run_id, self.KEY)}
         now = int(time.time() * 1000)
         self.unsent = [(row, now) for row in history if row["epoch"] not in held]
         self.late = bool(self.unsent)  # a resumed run's epochs that the store lacks
         self.why = ""
-        self.patience_s = patience_s()  # read now: a mistyped value stops the stage before training
+        self.patience_s = patience_s
         self.send()
 
     def add(self, row: dict) -> None:
@@ -286,7 +291,7 @@ class EpochMetrics:
             row, ended = self.unsent[0]
             metrics = {k: v for k, v in row.items() if k != "epoch" and not math.isnan(v)}
             try:
-                with signals_held():
+                with self.hold():
                     self.mlflow.log_metrics(metrics, step=row["epoch"], timestamp=ended)
             except Exception as exc:
                 if not may_pass(exc):
@@ -447,9 +452,9 @@ class HeldSignals:
                 self.previous[number] = signal.signal(number, lambda caught, _: self.caught.append(caught))
 
     def release(self) -> None:
-        for number, handler in self.previous.items():
+        previous, self.previous = self.previous, {}
+        for number, handler in previous.items():
             signal.signal(number, handler if handler is not None else signal.SIG_DFL)
-        self.previous = {}
         if self.caught:
             signal.raise_signal(self.caught[0])
 

@@ -286,10 +286,11 @@ def train_on(params: Params, paths: Paths, device: torch.device, world: distribu
                 f"{MEMORY_ENV}): each batch is read from the memory map, two batches ahead; the weights "
                 "are the same as in memory"
             )
+    patience_s = tracking.patience_s()  # read now: a mistyped value stops the stage before any run
     # rank 0 alone talks to MLflow and writes files; the others only train
     tracked = tracking.new_run(params, paths, run_id) if world.is_main else contextlib.nullcontext()
     with tracked as mlflow:
-        sent = tracking.EpochMetrics(mlflow, progress.history) if world.is_main else None
+        sent = tracking.EpochMetrics(mlflow, progress.history, patience_s) if world.is_main else None
 
         def after_epoch(progress: Progress) -> None:
             # the epoch's weights are on disk before anything that may fail with the network
