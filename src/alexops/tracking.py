@@ -305,25 +305,24 @@ class EpochMetrics:
         return True
 
     def flush(self, checkpoint: Path) -> None:
-        """Send every held-back epoch, waiting up to `patience_s()` seconds for the store.
+        """Send every held-back epoch, waiting up to `self.patience_s` seconds for the store.
 
         Raises AlexopsError (transient) if it does not answer by then; the checkpoint stays, so a
         rerun resumes without training and sends them."""
-        patience_s = self.patience_s
-        deadline = time.monotonic() + patience_s
+        deadline = time.monotonic() + self.patience_s
         delay = 1.0
         while not self.send():
             if time.monotonic() + delay > deadline:
                 raise AlexopsError(
                     f"training finished, but the MLflow tracking store did not take the metrics of "
-                    f"{self.epochs()} within {patience_s:.0f} s ({self.why}). The trained weights are "
+                    f"{self.epochs()} within {self.patience_s:.0f} s ({self.why}). The trained weights are "
                     f"kept in {checkpoint}. Fix: start the tracking server (the team stack: `make "
                     f"stack`), then rerun: train resumes there without training again and sends them "
                     f"(or wait longer: {PATIENCE_ENV}, in seconds).",
                     transient=True,
                 )
             if delay == 1.0:
-                print(f"train: waiting up to {patience_s:.0f} s for the MLflow tracking store to take "
+                print(f"train: waiting up to {self.patience_s:.0f} s for the MLflow tracking store to take "
                       f"the metrics of {self.epochs()}", flush=True)  # fmt: skip
             time.sleep(delay)
             delay = min(2 * delay, 15.0)
