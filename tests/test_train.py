@@ -1,16 +1,19 @@
 """Training: resume after a kill -9 gives the same weights; divergence stops cleanly; without
 validation images (train.val_size 0) no NaN reaches the epoch lines or train.json."""
 
+import json
 import os
+import platform
 import shutil
 import signal
 import subprocess
+import sys
 import time
 
 import pytest
 import torch
 import yaml
-from conftest import stage_command
+from conftest import REPO, stage_command
 
 from alexops import files, params, train
 from alexops.errors import AlexopsError
@@ -91,3 +94,52 @@ def test_the_train_stage_without_validation_images_trains_on_all_and_prints_no_n
     assert " 0 val images" in done.stdout
     summary = files.read_json(prepared / "reports" / "fashion-mnist" / "train.json", produced_by="train")
     assert summary["val_accuracy"] is None and 0 < summary["train_accuracy"] <= 1
+
+
+# A child process reports, for a 48 MiB tensor (over the 32 MiB up to which glibc's mmap threshold
+# rises by itself), how much of it was mmap'd (mallinfo2's hblkhd) and how much the heap still
+# holds once it is freed (mallinfo2's arena, against before): with glibc's defaults, then after
+# `train.build` on the CPU.
+HEAP_PROBE = """
+import ctypes, json, sys, torch
+from alexops import params, train
+
+class MallInfo2(ctypes.Structure):
+    names = "arena ordblks smblks hblks hblkhd usmblks fsmblks uordblks fordblks keepcost"
+    _fields_ = [(name, ctypes.c_size_t) for name in names.split()]
+
+libc = ctypes.CDLL(None)
+libc.mallinfo2.restype = MallInfo2
+
+def probe():
+    before = libc.mallinfo2()
+    held = torch.empty(48 << 20, dtype=torch.uint8).fill_(1)
+    mapped = libc.mallinfo2().hblkhd - before.hblkhd
+    del held
+    return {"mapped": mapped, "kept": libc.mallinfo2().arena - before.arena}
+
+out = {"default": probe()}
+train.build(params.load(sys.argv[1]).train, json.loads(sys.argv[2]), torch.device("cpu"))
+out["trained"] = probe()
+out["again"] = train.keep_freed_memory()
+print(json.dumps(out))
+"""
+
+
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="mallopt(3) and mallinfo2(3) are glibc's")
+def test_cpu_training_keeps_freed_memory_in_the_heap_instead_of_fresh_pages():
+    """After `train.build` on a CPU, a 48 MiB tensor comes from the heap, not from a fresh mmap, and
+    the heap keeps its pages once it is freed; with glibc's defaults it is mapped and unmapped."""
+    stats = {"mean": [0.5], "std": [0.25], "eigval": [1.0], "eigvec": [[1.0]], "image_shape": [1, 106, 106],
+             "classes": [str(c) for c in range(10)]}  # fmt: skip
+    done = subprocess.run(
+        [sys.executable, "-c", HEAP_PROBE, str(REPO / "params.yaml"), json.dumps(stats)],
+        capture_output=True, text=True, check=True,
+    )  # fmt: skip
+    heap = json.loads(done.stdout.strip().splitlines()[-1])
+    assert heap["default"]["mapped"] >= 48 << 20 and heap["default"]["kept"] < 1 << 20
+    assert heap["trained"]["mapped"] == 0
+    # freed, and still the process's to reuse (most of it: the block may have used free space the
+    # heap already held)
+    assert heap["trained"]["kept"] >= 32 << 20
+    assert heap["again"] is True
