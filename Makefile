@@ -111,6 +111,7 @@ format: install
 EPOCHS = $$($(BIN)/python -c "import yaml; print(yaml.safe_load(open('params.yaml'))['train']['epochs'])")
 bench: install mirror
 	$(BIN)/python benchmarks/bench_lrn.py
+	$(BIN)/python benchmarks/bench_heap.py --steps 40
 	$(BIN)/python benchmarks/bench_train.py --device cpu --preset paper --set amp=false --steps 3 --seed-steps 3 \
 	  --out benchmarks/results/train-cpu-227.json
 	$(BIN)/python benchmarks/bench_train.py --device cpu --preset paper --steps 3 --seed-steps 3 \

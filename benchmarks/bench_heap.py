@@ -10,7 +10,7 @@ included. Two models: the default params (99 px, width 0.25) and the `paper` pre
 width 1.0, fp32). The ratio is taken round by round; the children's last losses are compared
 to the bit, since the allocator must not change what is computed.
 
-Writes benchmarks/results/train-cpu-heap.json with the command that made it.
+Writes benchmarks/results/heap.json with the command that made it.
 """
 
 from __future__ import annotations
@@ -112,7 +112,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=20, help="timed steps of the default model per child")
     parser.add_argument("--paper-steps", type=int, default=3, help="timed steps of the paper-size model")
     parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "train-cpu-heap.json")
+    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "heap.json")
     parser.add_argument("--child", choices=KINDS, help=argparse.SUPPRESS)
     # a child's model, as bench_train.train_params reads it
     parser.add_argument("--params", default=None, help=argparse.SUPPRESS)

@@ -363,6 +363,27 @@ def lrn_cells(r: dict) -> tuple[str, str]:
     )
 
 
+def peak_rss(mib: dict) -> str:
+    return f"{mib['glibc default']:.0f} → {mib['keep_freed_memory']:.0f}"
+
+
+def heap_table() -> str:
+    path = RESULTS / "heap.json"
+    r = load(path)
+    rows = []
+    for name, m in r["models"].items():
+        default, kept = m["img_per_s"]["glibc default"], m["img_per_s"]["keep_freed_memory"]
+        low, high = min(m["speedup_by_round"]), max(m["speedup_by_round"])
+        speedup = f"**{m['speedup']:.2f}×** ({low:.2f}–{high:.2f})"
+        rows.append([
+            f"{name} ({m['steps']} steps a process, {r['rounds']} rounds)", f"{default:.0f}", f"{kept:.0f}",
+            speedup, "yes" if m["same_weights"] else "**no**", peak_rss(m["max_rss_mib"]), rel(path),
+        ])  # fmt: skip
+    header = ["model", "glibc's defaults, img/s", "keep_freed_memory, img/s", "speed-up (rounds)",
+              "same weights", "peak RSS, MiB", "source"]  # fmt: skip
+    return table(header, rows)
+
+
 def ratio(entry: dict) -> str:
     return f"**{entry['median']:.2f}×** ({min(entry['by_round']):.2f}–{max(entry['by_round']):.2f})"
 
@@ -372,6 +393,7 @@ TABLES: dict[str, Callable[[], str]] = {
     "recipe": recipe_table,
     "seeds": seeds_table,
     "throughput": throughput_table,
+    "heap": heap_table,
     "int8": int8_table,
     "prepare": prepare_table,
     "gpu": gpu_table,

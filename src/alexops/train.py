@@ -128,9 +128,9 @@ def keep_freed_memory() -> bool:
     heap's top back to the kernel (M_TRIM_THRESHOLD, 128 KiB), so each step writes to new
     pages, every 4 KiB of them a page fault. With no mmap'd blocks (M_MMAP_MAX 0) and no
     trimming, a step reuses the pages of the one before: the default model's step measured
-    ×1.05–1.2 faster on 2 cores, the paper-size one's ×1.1–1.2
+    ×1.10 faster on 2 cores (rounds ×1.09–1.14), the paper-size one's ×1.17 (×1.07–1.19)
     (`benchmarks/bench_heap.py`), with the same bits. The cost: the process keeps its peak heap
-    until it exits, which a training process reaches every step anyway.
+    until it exits (the paper-size model's peak resident set grew by 13%).
 
     Linux with glibc only (mallopt(3)); elsewhere nothing changes. Once per process; returns
     whether the settings took.
