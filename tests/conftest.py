@@ -119,6 +119,7 @@ def workspace(tmp_path, tiny_mirror) -> Path:
         root,
     )
     run([f"{VENV_BIN}/dvc", "init", "-q"], root, env)
+    shutil.copytree(REPO / ".dvc" / "plots", root / ".dvc" / "plots")  # dvc.yaml's curve template
     run(["git", "add", "-A"], root)
     run(["git", "-c", "user.email=t@t", "-c", "user.name=t", "commit", "-q", "-m", "workspace"], root)
     return root

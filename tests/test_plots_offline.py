@@ -92,20 +92,37 @@ def test_dvc_plots_page_holds_vega_inline_and_loads_nothing(workspace, ws_env):
 def test_the_offline_page_draws_every_chart_with_no_network(workspace, ws_env):
     write_reports(workspace)
     make_page(workspace, ws_env)
-    plots_show(workspace, ws_env, "offline")
-    page = (workspace / "offline" / "index.html").as_uri()
+    drawn = draw(workspace, ws_env, "offline")
+    assert set(drawn) == set(CHARTS), f"vega-embed ran on {sorted(drawn)}"
+    # vega's SVG names every point it drew
+    assert 'aria-label="epoch: 3; loss: 0.25; rev: workspace; field: train_loss"' in drawn["loss"]
+    assert 'aria-label="epoch: 3; accuracy: 0.85; rev: workspace; field: val_accuracy"' in drawn["accuracy"]
+    assert 'aria-label="predicted: Bag; actual: Écharpe; xy_count: 1"' in drawn["confusion"]
+    assert "for strokeDash with 2 values: train_loss, val_loss" in drawn["loss"]  # the legend
+
+    # no validation hold-out (train.val_size 0): the val_* columns are NaN, and the curves show
+    # only what was measured, with no empty legend entry
+    dataset = yaml.safe_load((workspace / "params.yaml").read_text())["base"]["dataset"]
+    history = workspace / "reports" / dataset / "train_history.csv"
+    history.write_text(re.sub(r"^(\d+,[^,]+,[^,]+),[^,]+,[^,]+,", r"\1,nan,nan,", HISTORY, flags=re.M))
+    drawn = draw(workspace, ws_env, "no-validation")
+    for chart, measured in (("loss", "train_loss"), ("accuracy", "train_accuracy")):
+        assert f"for strokeDash with 1 value: {measured}" in drawn[chart], drawn[chart][-2000:]
+        assert "val_" not in drawn[chart]
+
+
+def draw(workspace, env, out: str) -> dict[str, str]:
+    """`dvc plots show -o out` drawn by headless Chromium with every host name unresolvable: each
+    chart's SVG, by name."""
+    plots_show(workspace, env, out)
+    page = (workspace / out / "index.html").as_uri()
     dom = run(
         ["chromium", "--headless", "--no-sandbox", "--disable-gpu", "--host-resolver-rules=MAP * ~NOTFOUND",
          "--virtual-time-budget=5000", "--dump-dom", page],
-        workspace, ws_env,
+        workspace, env,
     ).stdout  # fmt: skip
     charts = re.split(r'<div id="(\w+)" class="vega-embed', dom)
-    drawn = {name: body for name, body in zip(charts[1::2], charts[2::2], strict=True)}
-    assert set(drawn) == set(CHARTS), f"vega-embed ran on {sorted(drawn)}"
-    # vega's SVG names every point it drew
-    assert 'aria-label="epoch: 3; y: 0.25; rev: workspace; field: train_loss"' in drawn["loss"]
-    assert 'aria-label="epoch: 3; y: 0.85; rev: workspace; field: val_accuracy"' in drawn["accuracy"]
-    assert 'aria-label="predicted: Bag; actual: Écharpe; xy_count: 1"' in drawn["confusion"]
+    return {name: body for name, body in zip(charts[1::2], charts[2::2], strict=True)}
 
 
 def test_page_escapes_a_script_end_and_refuses_a_placeholder_in_the_bundle():
