@@ -99,12 +99,12 @@ test-all: install stack-install
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadfile -m "slow or not slow"
 
 lint: install
-	$(BIN)/ruff check src tests pipeline benchmarks stack
-	$(BIN)/ruff format --check src tests pipeline benchmarks stack
+	$(BIN)/ruff check src tests pipeline benchmarks stack examples
+	$(BIN)/ruff format --check src tests pipeline benchmarks stack examples
 
 format: install
-	$(BIN)/ruff format src tests pipeline benchmarks stack
-	$(BIN)/ruff check --fix src tests pipeline benchmarks stack
+	$(BIN)/ruff format src tests pipeline benchmarks stack examples
+	$(BIN)/ruff check --fix src tests pipeline benchmarks stack examples
 
 # Side-by-side measurements; results in benchmarks/results/*.json with the command that made each,
 # and the README's tables rewritten from them (see README, Benchmarks). About two hours on 2 cores.

@@ -200,6 +200,24 @@ def test_image_predictions_equal_onnxruntime_on_the_training_preprocessing(serve
         ]
 
 
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+
+
+@pytest.mark.parametrize("capture", ["auto", "dataset", "none"])
+def test_the_readmes_example_images_are_served(server, session, capture):
+    """The files the README's curl and `alexops predict` lines send, as they send them."""
+    paths = [EXAMPLES / name for name in ("ankle-boot.png", "pullover.jpg", "shop-photo.jpg")]
+    response = post_files(server.url, paths, top_k=10, capture=capture)
+    assert response.status_code == 200, response.text
+    predictions = response.json()["predictions"]
+    assert [p["filename"] for p in predictions] == [p.name for p in paths]
+    assert all(len(p["top_k"]) == 10 for p in predictions)
+    if capture == "none":  # the file as it is, through the training's test view
+        for path, prediction in zip(paths, predictions, strict=True):
+            expected = softmax(session.run(None, {"image": preprocessed(path)})[0])[0]
+            assert np.abs(probabilities(prediction) - expected).max() < 1e-5, path.name
+
+
 def test_json_inputs_and_top_k(server, session, images):
     x = np.concatenate([preprocessed(images["gray.png"]), preprocessed(images["photo.jpg"])])
     response = httpx.post(f"{server.url}/v1/predict", json={"inputs": x.tolist()}, params={"top_k": 3})
