@@ -329,6 +329,46 @@ def test_a_stop_during_an_mlflow_write_is_held_until_the_write_is_done():
         signal.signal(signal.SIGTERM, previous)
 
 
+@pytest.mark.parametrize("store, held", [("sqlite", True), ("server", False)])
+def test_a_stop_waits_for_a_stage_write_on_sqlite_only(tmp_path, store, held):
+    """Every stage writes through tracking.store_write: a SQLite store is held until the write
+    ends; a tracking server's request, which may hang for a minute, is not."""
+
+    def stop(number, frame):
+        raise KeyboardInterrupt(signal.Signals(number).name)
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}" if store == "sqlite" else "http://127.0.0.1:9"
+    previous_uri, previous = mlflow.get_tracking_uri(), signal.signal(signal.SIGTERM, stop)
+    mlflow.set_tracking_uri(uri)
+    written = []
+    try:
+        with pytest.raises(KeyboardInterrupt, match="SIGTERM"), tracking.store_write(mlflow):
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(0.1)
+            written.append("all of it")
+        assert written == (["all of it"] if held else [])
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        mlflow.set_tracking_uri(previous_uri)
+
+
+def test_a_resumed_run_logs_the_parameter_count_once(tmp_path):
+    """A rerun after a failure past the end of training resumes the run that already holds it."""
+    from alexops import train
+
+    previous_uri = mlflow.get_tracking_uri()
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    try:
+        with mlflow.start_run() as run:
+            train.log_parameter_count(mlflow, 1234)
+        with mlflow.start_run(run_id=run.info.run_id):
+            train.log_parameter_count(mlflow, 1234)
+        history = mlflow.MlflowClient().get_metric_history(run.info.run_id, "parameters")
+        assert [m.value for m in history] == [1234]
+    finally:
+        mlflow.set_tracking_uri(previous_uri)
+
+
 # --- an MLflow server that goes away mid-training ---------------------------------------------
 
 

@@ -91,6 +91,7 @@ def team(stack, tmp_path_factory, tiny_mirror) -> Team:
     env = workspace_env(base) | stack.client_env() | {"ALEXOPS_WORKSPACE": str(root)}
     run(["git", "init", "-q"], root)
     run([DVC, "init", "-q"], root, env)
+    shutil.copytree(REPO / ".dvc" / "plots", root / ".dvc" / "plots")  # as a clone has it
     run([DVC, "remote", "add", "-d", "stack", f"s3://{DVC_BUCKET}/team"], root, env)
     run([DVC, "remote", "modify", "stack", "endpointurl", stack.url("s3")], root, env)
     commit_all(root, "workspace")

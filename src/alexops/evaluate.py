@@ -70,10 +70,11 @@ def majority_baseline(labels: torch.Tensor, classes: list[str]) -> dict:
 def run(params: Params, paths: Paths) -> None:
     with tracking.continue_run(params, paths, "evaluate") as mlflow:
         report = evaluate(params, paths)
-        mlflow.log_metrics({f"test_{k}": v for k, v in report.items() if isinstance(v, float)})
-        mlflow.log_metrics(
-            {f"test_class_{i}_accuracy": v for i, v in enumerate(report["per_class_accuracy"].values())}
-        )
+        with tracking.store_write(mlflow):
+            mlflow.log_metrics({f"test_{k}": v for k, v in report.items() if isinstance(v, float)})
+            mlflow.log_metrics(
+                {f"test_class_{i}_accuracy": v for i, v in enumerate(report["per_class_accuracy"].values())}
+            )
         for name in ("evaluate.json", "confusion.png", "confusion.csv", "mistakes.png"):
             mlflow.log_artifact(str(paths.reports / name), artifact_path="evaluate")
     print(

@@ -81,7 +81,8 @@ def parity(proto: onnx.ModelProto, model: torch.nn.Module, shape: tuple, seed: i
 def run(params: Params, paths: Paths) -> None:
     with tracking.continue_run(params, paths, "export") as mlflow:
         report = export(params, paths)
-        mlflow.log_metrics({k: float(v) for k, v in report.items()})
+        with tracking.store_write(mlflow):
+            mlflow.log_metrics({k: float(v) for k, v in report.items()})
     worst = max(v for k, v in report.items() if k.startswith("parity_max"))
     print(f"export: {paths.onnx} ({report['onnx_bytes'] / 1e6:.1f} MB), parity max |diff| {worst:.1e}")
 

@@ -209,7 +209,8 @@ def run(params: Params, paths: Paths) -> None:
     with tracking.continue_run(params, paths, "quantize") as mlflow:
         report = quantize_stage(params, paths)
         numbers = {k: v for k, v in report.items() if isinstance(v, int | float) and not isinstance(v, bool)}
-        mlflow.log_metrics({f"quantize_{k}": float(v) for k, v in numbers.items()})
+        with tracking.store_write(mlflow):
+            mlflow.log_metrics({f"quantize_{k}": float(v) for k, v in numbers.items()})
 
 
 def check_inputs(paths: Paths) -> None:

@@ -168,16 +168,18 @@ def run(params: Params, paths: Paths) -> None:
     with tracking.continue_run(params, paths, "register") as mlflow, tracking.registry_lock(paths.root, name):
         from mlflow import MlflowClient
 
-        mlflow.set_tags(tracking.dvc_lock_tags(paths.root))
+        with tracking.store_write(mlflow):
+            mlflow.set_tags(tracking.dvc_lock_tags(paths.root))
         record = decide_version(mlflow, MlflowClient(), params, paths, proto, evaluation, export)
-        mlflow.set_tags(
-            {
-                "registered_model": name,
-                "registered_version": record["version"],
-                "alias": record["alias"] or "none",
-                "decision": record["reason"],
-            }
-        )
+        with tracking.store_write(mlflow):
+            mlflow.set_tags(
+                {
+                    "registered_model": name,
+                    "registered_version": record["version"],
+                    "alias": record["alias"] or "none",
+                    "decision": record["reason"],
+                }
+            )
     record |= {
         "run_id": tracking.model_run_id(paths),
         "min_accuracy": params.register.min_accuracy,
@@ -207,27 +209,29 @@ def decide_version(
     tests = tests_so_far(same, test) if same is not None else {}
     remember(tests, which_test(test, test), _json_number(accuracy))
     tags[TESTS_TAG] = kept(tests)
-    if same is None:
-        version = register_version(mlflow, proto, name, tags)
-    else:  # the same weights: decided again, with what evaluate, export and register say now
-        version = str(same.version)
-        for key, value in tags.items():
-            client.set_model_version_tag(name, version, key, value)
-    champion = settle_champion(client, name)
-    alias = CHAMPION if champion is not None and str(champion.version) == version else CHALLENGER
-    if passed:
-        reason = promotion_reason(accuracy, params.register.min_accuracy, chance, before, champion, alias)
-    if retested:
-        reason += "; re-tested as this version was: " + ", ".join(r["said"] for r in retested)
-    if alias == CHALLENGER:
-        client.set_registered_model_alias(name, CHALLENGER, version)
-    elif retested:
-        drop_challenger_out_of_the_running(client, name)
-    client.set_model_version_tag(name, version, "decision", f"{alias}: {reason}")
-    int8_uri = attach_int8(mlflow, client, paths, name, version)
-    client.update_model_version(
-        name, version, description=describe(params, evaluation, export, alias, reason)
-    )
+    # the registry's writes, quick ones: a stop waits for them on SQLite (tracking.store_write)
+    with tracking.store_write(mlflow):
+        if same is None:
+            version = register_version(mlflow, proto, name, tags)
+        else:  # the same weights: decided again, with what evaluate, export and register say now
+            version = str(same.version)
+            for key, value in tags.items():
+                client.set_model_version_tag(name, version, key, value)
+        champion = settle_champion(client, name)
+        alias = CHAMPION if champion is not None and str(champion.version) == version else CHALLENGER
+        if passed:
+            reason = promotion_reason(accuracy, params.register.min_accuracy, chance, before, champion, alias)
+        if retested:
+            reason += "; re-tested as this version was: " + ", ".join(r["said"] for r in retested)
+        if alias == CHALLENGER:
+            client.set_registered_model_alias(name, CHALLENGER, version)
+        elif retested:
+            drop_challenger_out_of_the_running(client, name)
+        client.set_model_version_tag(name, version, "decision", f"{alias}: {reason}")
+        int8_uri = attach_int8(mlflow, client, paths, name, version)
+        client.update_model_version(
+            name, version, description=describe(params, evaluation, export, alias, reason)
+        )
     if same is not None:
         reason = f"identical weights to version {version} ({DIGEST_TAG} {digest[:12]}…): {reason}"
     return {

@@ -164,6 +164,8 @@ def forget(root: Path, points: list[str]) -> None:
 
 def report(mlflow, name: str, states: dict[str, str]) -> str:
     """Print the points side by side; record the best on the parent run. FINISHED or FAILED."""
+    from alexops import tracking
+
     runs = mlflow.search_runs(filter_string=f"tags.sweep = '{name}' and tags.`dvc.experiment` != ''",
                               search_all_experiments=True, output_format="list")  # fmt: skip
     by_point = {run.data.tags.get("dvc.experiment"): run for run in runs}
@@ -179,8 +181,9 @@ def report(mlflow, name: str, states: dict[str, str]) -> str:
         if accuracy is not None and (best is None or accuracy > best[1]):
             best = (point, accuracy)
     if best is not None:
-        mlflow.log_metric("best_test_accuracy", best[1])
-        mlflow.set_tag("sweep.best", best[0])
+        with tracking.store_write(mlflow):
+            mlflow.log_metric("best_test_accuracy", best[1])
+            mlflow.set_tag("sweep.best", best[0])
         print(f"best: {best[0]} ({best[1]:.4f}); `dvc exp apply {best[0]}` puts its params in the workspace")
     return "FINISHED" if all(state == "success" for state in states.values()) else "FAILED"
 

@@ -239,9 +239,10 @@ def new_run(params: Params, paths: Paths, run_id: str | None = None) -> Iterator
     where = {"run_id": run_id} if run_id else {"experiment_id": experiment_id, "run_name": name}
     with recorded_run(mlflow, "train", **where) as run:
         if run_id is None:
-            mlflow.log_params(params.as_flat_dict())
-            record_lineage(mlflow, paths)
-            log_dataset(mlflow, paths)
+            with store_write(mlflow):
+                mlflow.log_params(params.as_flat_dict())
+                record_lineage(mlflow, paths)
+                log_dataset(mlflow, paths)
         record = {"run_id": run.info.run_id, "tracking_uri": redacted(tracking_uri(paths.root))}
         files.write_json(paths.mlflow_run, record)
         yield mlflow
@@ -260,11 +261,6 @@ class EpochMetrics:
 
     def __init__(self, mlflow, history: list[dict], patience_s: float) -> None:
         self.mlflow = mlflow
-        # a stop is held through a write only where one cut short locks the store: SQLite's open
-        # transaction (a server's request may hang a minute; Ctrl-C should not wait on it)
-        self.hold = (
-            signals_held if mlflow.get_tracking_uri().startswith("sqlite:") else contextlib.nullcontext
-        )
         run_id = mlflow.active_run().info.run_id
         held = {m.step for m in mlflow.MlflowClient().get_metric_history(run_id, self.KEY)}
         now = int(time.time() * 1000)
@@ -291,7 +287,7 @@ class EpochMetrics:
             row, ended = self.unsent[0]
             metrics = {k: v for k, v in row.items() if k != "epoch" and not math.isnan(v)}
             try:
-                with self.hold():
+                with store_write(self.mlflow):
                     self.mlflow.log_metrics(metrics, step=row["epoch"], timestamp=ended)
             except Exception as exc:
                 if not may_pass(exc):
@@ -383,8 +379,9 @@ def continue_run(params: Params, paths: Paths, stage: str) -> Iterator[Any]:
     name = f"{stage}: " + ", ".join(f"{key}={value}" for key, value in changed.items())
     experiment_id, nested = model_run.info.experiment_id, {"mlflow.parentRunId": run_id}
     with recorded_run(mlflow, stage, experiment_id=experiment_id, run_name=name[:250], tags=nested):
-        mlflow.log_params({k: v for k, v in params.as_flat_dict().items() if k.startswith(f"{stage}.")})
-        mlflow.set_tags(lineage_tags(paths.root))
+        with store_write(mlflow):
+            mlflow.log_params({k: v for k, v in params.as_flat_dict().items() if k.startswith(f"{stage}.")})
+            mlflow.set_tags(lineage_tags(paths.root))
         yield mlflow
 
 
@@ -438,10 +435,11 @@ def recorded_run(mlflow, stage: str, *, tags: dict[str, str] | None = None, **st
 class HeldSignals:
     """The graceful stops (SIGINT, SIGTERM, SIGHUP) held back from creation until `release`, which
     raises the first that came meanwhile through its own handler (in the main thread; elsewhere
-    nothing is held). MLflow writes are made under it: one interrupted midway leaves its SQLite
-    transaction open, and the stage can then not end its run KILLED ("database is locked"). A
-    signal mask would not hold them: the kernel hands a process-directed signal to another thread,
-    and Python runs the handler in the main thread all the same."""
+    nothing is held). The stages' writes to a SQLite store are made under it (`store_write`):
+    one interrupted midway leaves its SQLite transaction open, and the stage can then not end its
+    run KILLED ("database is locked"). A signal mask would not hold them: the kernel hands a
+    process-directed signal to another thread, and Python runs the handler in the main thread
+    all the same."""
 
     def __init__(self) -> None:
         self.caught: list[int] = []
@@ -465,6 +463,13 @@ def signals_held() -> Iterator[None]:
         yield
     finally:
         held.release()
+
+
+def store_write(mlflow) -> contextlib.AbstractContextManager:
+    """Where a stage writes to the run: on a SQLite store the graceful stops are held until the
+    writes end, since one cut short leaves SQLite's transaction open and the run cannot then be
+    ended KILLED. Not on a server, whose request may hang for a minute: Ctrl-C should not wait."""
+    return signals_held() if mlflow.get_tracking_uri().startswith("sqlite:") else contextlib.nullcontext()
 
 
 def owner_tags(stage: str) -> dict[str, str]:

@@ -343,11 +343,20 @@ def train_on(params: Params, paths: Paths, device: torch.device, world: distribu
                 print(f"train: weights identical on all {world.size} ranks")
             sent.flush(paths.checkpoint)
             write_outputs(paths, session, stats, progress)
-            mlflow.log_metrics({"parameters": count_parameters(session.model)})
+            log_parameter_count(mlflow, count_parameters(session.model))
             for name in ("train.json", "train_history.csv", "curves.png"):
                 mlflow.log_artifact(str(paths.reports / name), artifact_path="train")
             # finished and recorded: a forced rerun trains afresh (until then, a rerun resumes)
             paths.checkpoint.unlink(missing_ok=True)
+
+
+def log_parameter_count(mlflow, count: int) -> None:
+    """The model's size as the run's `parameters` metric, once: a rerun that resumes a run which
+    already logged it (a late failure, after training) adds no second point."""
+    if "parameters" in mlflow.get_run(mlflow.active_run().info.run_id).data.metrics:
+        return
+    with tracking.store_write(mlflow):
+        mlflow.log_metrics({"parameters": count})
 
 
 def split_validation(paths: Paths, val_size: int, seed: int):
