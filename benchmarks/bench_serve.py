@@ -419,7 +419,7 @@ def registered_version(model_uri: str, tracking_uri: str) -> tuple[str, str]:
     from alexops.serving.model import ModelSource, parse_model_uri
 
     ref = parse_model_uri(model_uri)
-    if ref.name is None:
+    if ref.path is not None:
         raise SystemExit(
             "bench_serve: --registered-model must be models:/<name>@<alias> or models:/<name>/<version>"
         )

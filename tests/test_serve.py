@@ -512,6 +512,24 @@ def test_predict_cli_names_a_missing_image_and_a_non_image(models, tmp_path):
     assert bad.returncode == 2 and "notes.png is not an image" in bad.stderr and "Traceback" not in bad.stderr
 
 
+def test_a_model_file_answers_to_its_stem_or_to_model_name(models, tmp_path):
+    image = str(EXAMPLES / "ankle-boot.png")
+    named = {}
+    for extra in ([], ["--model-name", "alexnet-fashion-mnist"]):
+        done = alexops("predict", "--model-uri", str(models["v1"]), *extra, image, cwd=tmp_path)
+        assert done.returncode == 0, done.stderr
+        named[tuple(extra)] = json.loads(done.stdout)["model"]["name"]
+    assert list(named.values()) == ["v1", "alexnet-fashion-mnist"]
+    registered = alexops(
+        "predict", "--model-uri", "models:/a@champion", "--model-name", "b", image, cwd=tmp_path
+    )
+    assert (
+        registered.returncode == 2
+        and "--model-name b: a registered model answers to its registered name" in (registered.stderr)
+    )
+    assert "Traceback" not in registered.stderr
+
+
 def test_serve_names_a_missing_model_file(tmp_path):
     done = alexops("serve", "--model-uri", str(tmp_path / "model.onnx"), "--port", "0", cwd=tmp_path)
     assert done.returncode == 2

@@ -53,6 +53,11 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
 def _model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model-uri", default=None, help=MODEL_URI_HELP)
     parser.add_argument(
+        "--model-name", default=None, metavar="NAME",
+        help="the name an .onnx file's model answers to, in every response and in /v2/models/<name> "
+        "(default: the file's name without .onnx; a registered model keeps its registered name)",
+    )  # fmt: skip
+    parser.add_argument(
         "--threads", type=_non_negative(int), default=0,
         help="onnxruntime intra-op threads (default 0: one per physical core)",
     )  # fmt: skip
@@ -103,7 +108,7 @@ def model_source(args: argparse.Namespace, spinning: bool = True):
     uri = args.model_uri or default_model_uri(Path(args.params))
     tracking_uri = tracking.tracking_uri(Path(args.root))
     return model.ModelSource(
-        model.parse_model_uri(uri), tracking_uri, threads=args.threads, spinning=spinning
+        model.parse_model_uri(uri, args.model_name), tracking_uri, threads=args.threads, spinning=spinning
     )
 
 

@@ -166,7 +166,8 @@ def _input_spec(graph_input: Any, uri: str) -> InputSpec:
 
 @dataclass(frozen=True)
 class ModelRef:
-    """What `--model-uri` names: a file, or a registered model at an alias or version."""
+    """What `--model-uri` names: a file (and the name its model answers to), or a registered model
+    at an alias or version."""
 
     uri: str
     path: Path | None = None
@@ -179,7 +180,9 @@ class ModelRef:
         return self.alias is not None
 
 
-def parse_model_uri(text: str) -> ModelRef:
+def parse_model_uri(text: str, name: str | None = None) -> ModelRef:
+    """`--model-uri`; `name` (`--model-name`) is what a file's model answers to (default: the
+    file's stem). A registered model answers to its registered name."""
     if not text.startswith("models:/"):
         path = Path(text).expanduser()
         if not path.is_file():
@@ -187,7 +190,12 @@ def parse_model_uri(text: str) -> ModelRef:
                 f"--model-uri {text}: no such file. Fix: pass a path to an .onnx file "
                 "(`make run` writes artifacts/<dataset>/model.onnx) or models:/<name>@<alias>."
             )
-        return ModelRef(uri=text, path=path)
+        return ModelRef(uri=text, path=path, name=name or path.stem)
+    if name is not None:
+        raise AlexopsError(
+            f"--model-name {name}: a registered model answers to its registered name ({text}). "
+            "Fix: leave out --model-name, or pass an .onnx file as --model-uri."
+        )
     rest = text.removeprefix("models:/")
     name, at, alias = rest.partition("@")
     if at and name and alias and "/" not in rest:
@@ -224,7 +232,7 @@ class ModelSource:
         if self.ref.path is not None:
             return load_model(
                 _read(self.ref.path),
-                name=self.ref.path.stem,
+                name=self.ref.name,
                 version=None,
                 uri=self.ref.uri,
                 threads=self.threads,
