@@ -27,8 +27,10 @@ import bench_capture  # noqa: E402
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", type=Path, default=bench_capture.DEFAULT_DATA)
-    images, labels = bench_capture.test_set(parser.parse_args().data)
-    assert [labels[0], labels[1], labels[9]] == [9, 2, 7], "not Fashion-MNIST's test set"
+    args = parser.parse_args()
+    images, labels = bench_capture.test_set(args.data)
+    if [labels[0], labels[1], labels[9]] != [9, 2, 7]:  # an ankle boot, a pullover, a sneaker
+        raise SystemExit(f"make_examples: the test set in {args.data} is not Fashion-MNIST's.")
     (HERE / "ankle-boot.png").write_bytes(bench_capture.png(images[0]))
     buffer = io.BytesIO()
     Image.fromarray(images[1]).save(buffer, "JPEG", quality=90)
