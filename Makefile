@@ -141,7 +141,8 @@ bench-gpu:
 	bash benchmarks/gpu_check.sh
 
 # The @champion of params.yaml's dataset on http://127.0.0.1:8000 (onnxruntime, hot reload when the
-# alias moves). Other models and options: make serve ARGS="--model-uri artifacts/fashion-mnist/model.int8.onnx"
+# alias moves). Other models and options:
+#   make serve ARGS="--model-uri artifacts/fashion-mnist/model.int8.onnx --model-name alexnet-fashion-mnist"
 ARGS ?=
 serve: install
 	$(BIN)/alexops serve $(ARGS)
