@@ -4,7 +4,9 @@
 
 Per shape it reports the median forward+backward time (the training cost) and the median
 no-grad forward time (inference) of both, their ratios, and the largest relative
-difference of output and input-gradient, as a table and as JSON (written atomically).
+difference of output and input-gradient, as a table and as JSON (written atomically). On
+a CPU also ours against its kernels before d's powers were saved for the backward (the same
+bits, taking turns), under the allocator settings training runs with.
 """
 
 from __future__ import annotations
@@ -25,10 +27,14 @@ import torch
 from torch import Tensor
 
 try:
+    from alexops import lrn
     from alexops.lrn import LocalResponseNorm
+    from alexops.train import keep_freed_memory
 except ImportError:  # run from a checkout without installing the package
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+    from alexops import lrn
     from alexops.lrn import LocalResponseNorm
+    from alexops.train import keep_freed_memory
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "lrn.json"
 
@@ -38,8 +44,8 @@ SHAPES: list[tuple[str, tuple[int, int, int, int]]] = [
     ("conv2 227px b128", (128, 256, 27, 27)),
     ("conv1 99px b64", (64, 96, 23, 23)),
     ("conv2 99px b64", (64, 256, 11, 11)),
-    ("conv1 67px w0.25 b128", (128, 24, 15, 15)),  # params.yaml CPU default
-    ("conv2 67px w0.25 b128", (128, 64, 7, 7)),
+    ("conv1 99px w0.25 b128", (128, 24, 23, 23)),  # params.yaml's CPU default
+    ("conv2 99px w0.25 b128", (128, 64, 11, 11)),
 ]
 QUICK_SHAPES = SHAPES[2:]
 
@@ -75,6 +81,81 @@ def _fwd(module: torch.nn.Module, x: Tensor) -> Callable[[], object]:
     return run
 
 
+class _RecomputedLRN(torch.autograd.Function):
+    """alexops.lrn's CPU kernels as they were before d's powers were saved (up to 4b21f8c): only x
+    is kept, and the backward recomputes d chunk by chunk. The same arithmetic, so the same bits."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor) -> Tensor:  # type: ignore[override]
+        ctx.save_for_backward(x)
+        return lrn._cpu_forward(x, lrn.PAPER_SIZE, lrn.PAPER_ALPHA, lrn.PAPER_BETA, lrn.PAPER_K, False)[0]
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> Tensor:  # type: ignore[override]
+        (x,) = ctx.saved_tensors
+        size, alpha, beta, k = lrn.PAPER_SIZE, lrn.PAPER_ALPHA, lrn.PAPER_BETA, lrn.PAPER_K
+        grad = grad.contiguous(memory_format=lrn._memory_format(x))
+        grad_x, rows = torch.empty_like(x), lrn._cpu_rows(x)
+        scratch = torch.empty_like(x[:rows])
+        for start, m in lrn._spans(x.shape[0], rows):
+            xc, gc, gxc = (t.narrow(0, start, m) for t in (x, grad, grad_x))
+            denom = lrn._cpu_denominator(xc, gxc, scratch[:m], size, alpha, k)
+            scale = lrn._cpu_inverse_power(denom, beta, out=gxc)
+            spread = torch.div(scale, denom, out=denom).mul_(gc).mul_(xc)
+            gxc.mul_(gc)
+            for shift in range(-(size // 2), size - size // 2):
+                lrn._add_shifted(gxc, spread, -shift, xc, -2.0 * alpha * beta / size)
+        return grad_x
+
+
+class RecomputedLRN(torch.nn.Module):
+    def forward(self, x: Tensor) -> Tensor:
+        return _RecomputedLRN.apply(x.contiguous(memory_format=lrn._memory_format(x)))
+
+
+def training_steps(rounds: int, steps: int) -> dict:
+    """The default model's training step (params.yaml: 99 px, width 0.25, batch 128, channels-last,
+    SGD) with ours against the recomputing kernels: the two models taking turns, `steps` steps a
+    round, on the same batch from the same initial weights, whose final weights are compared."""
+    from alexops.model import AlexNet
+
+    gen = torch.Generator().manual_seed(0)
+    images = torch.randn(128, 1, 99, 99, generator=gen).contiguous(memory_format=torch.channels_last)
+    labels = torch.randint(0, 10, (128,), generator=gen)
+    runs = {}
+    for name in ("recomputed", "saved"):
+        torch.manual_seed(0)
+        model = AlexNet(1, 10, image_size=99, width=0.25, dropout=0.0, init="kaiming")
+        if name == "recomputed":
+            model.features[2], model.features[6] = RecomputedLRN(), RecomputedLRN()
+        model = model.to(memory_format=torch.channels_last)
+        runs[name] = (model, torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9))
+
+    def step(name: str) -> None:
+        model, optimiser = runs[name]
+        optimiser.zero_grad(set_to_none=True)
+        torch.nn.functional.cross_entropy(model(images), labels).backward()
+        optimiser.step()
+
+    times: dict[str, list[float]] = {name: [] for name in runs}
+    for turn in range(rounds):
+        for name in ("recomputed", "saved") if turn % 2 == 0 else ("saved", "recomputed"):
+            start = time.perf_counter()
+            for _ in range(steps):
+                step(name)
+            times[name].append((time.perf_counter() - start) / steps * 1e3)
+    by_round = [a / b for a, b in zip(times["recomputed"], times["saved"], strict=True)]
+    weights = [torch.cat([p.flatten() for p in runs[name][0].parameters()]) for name in runs]
+    return {
+        "steps_per_round": steps,
+        "rounds": rounds,
+        "ms_per_step": {name: statistics.median(t) for name, t in times.items()},
+        "speedup": statistics.median(by_round),
+        "speedup_by_round": by_round,
+        "same_weights": bool(torch.equal(*weights)),
+    }
+
+
 def _max_rel_diff(a: Tensor, b: Tensor) -> float:
     return ((a - b).abs().max() / b.abs().max().clamp_min(1e-30)).item()
 
@@ -93,9 +174,22 @@ def bench_shape(shape: tuple[int, ...], device: torch.device, warmup: int, repea
         "max_rel_diff_out": _max_rel_diff(y_ours, y_ref),
         "max_rel_diff_grad": _max_rel_diff(g_ours, g_ref),
     }
+    if device.type == "cpu":  # and against the kernels before d's powers were saved
+        recomputed = RecomputedLRN()
+        y_old = recomputed(x)
+        (g_old,) = torch.autograd.grad(y_old, x, grad)
+        row["same_bits_as_recomputed"] = bool(torch.equal(y_old, y_ours) and torch.equal(g_old, g_ours))
+        del y_old, g_old
     del y_ref, y_ours, g_ref, g_ours
     row["torch_fwd_bwd_ms"] = median_ms(_fwd_bwd(ref, x, grad), device, warmup, repeats)
     row["ours_fwd_bwd_ms"] = median_ms(_fwd_bwd(ours, x, grad), device, warmup, repeats)
+    if device.type == "cpu":  # taking turns with ours, round by round
+        saved, again = [], []
+        for _ in range(3):
+            again.append(median_ms(_fwd_bwd(recomputed, x, grad), device, warmup, max(1, repeats // 3)))
+            saved.append(median_ms(_fwd_bwd(ours, x, grad), device, warmup, max(1, repeats // 3)))
+        row["recomputed_fwd_bwd_ms"] = statistics.median(again)
+        row["saved_vs_recomputed"] = statistics.median(a / b for a, b in zip(again, saved, strict=True))
     row["torch_fwd_ms"] = median_ms(_fwd(ref, x), device, warmup, repeats)
     row["ours_fwd_ms"] = median_ms(_fwd(ours, x), device, warmup, repeats)
     row["speedup_fwd_bwd"] = row["torch_fwd_bwd_ms"] / row["ours_fwd_bwd_ms"]
@@ -159,6 +253,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: no CUDA device is available")
     device = torch.device(args.device)
+    # As in training (train.build): a CPU process keeps the memory it frees for reuse. The CPU
+    # LRN's saved powers are two fresh full-size tensors a call, page faults each without it.
+    allocator = "keep_freed_memory" if device.type == "cpu" and keep_freed_memory() else "default"
     # Other processes on the cores distort CPU timings (ours more: it runs more, smaller
     # ops); the load average goes into the results so that such runs can be told apart.
     load_before = os.getloadavg()
@@ -170,6 +267,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{label}: {row['speedup_fwd_bwd']:.2f}x forward+backward", flush=True)
     print()
     print_table(rows)
+    steps = None
+    if device.type == "cpu":
+        steps = training_steps(rounds=8, steps=15)
+        print(f"\nthe default model's step: {steps['speedup']:.2f}x with saved powers, "
+              f"same weights: {steps['same_weights']}")  # fmt: skip
 
     payload = {
         "command": " ".join(shlex.quote(a) for a in [Path(sys.executable).name, *sys.argv]),
@@ -178,6 +280,7 @@ def main(argv: list[str] | None = None) -> int:
         "device": args.device,
         "device_name": device_name(device),
         "torch_version": torch.__version__,
+        "allocator": allocator,
         "threads": torch.get_num_threads(),
         "cpu_count": os.cpu_count(),
         "loadavg_1min_before_after": [load_before[0], os.getloadavg()[0]],
@@ -186,6 +289,7 @@ def main(argv: list[str] | None = None) -> int:
         "repeats": args.repeats,
         "statistic": "median",
         "results": rows,
+        "default_model_step": steps,
     }
     write_json_atomic(args.out, payload)
     print(f"\nwrote {args.out}")

@@ -66,6 +66,11 @@ def rel(path: Path) -> str:
     return f"`{path.relative_to(ROOT)}`"
 
 
+def share(x: float) -> str:
+    """A data share: 1 − (steps on one fixed batch) / (whole steps); below 0 when noise outweighs it."""
+    return f"{100 * x:.1f}%" if x >= 0 else f"≈ 0 ({100 * x:.1f}%: the steps' noise)"
+
+
 def pct(x: float) -> str:
     return f"{100 * x:.2f}%"
 
@@ -164,7 +169,7 @@ def throughput_table() -> str:
                 f"{ours['img_per_s']:.0f}",
                 versus,
                 arithmetic,
-                f"{100 * ours['data_share']:.1f}%",
+                share(ours["data_share"]),
                 rel(path),
             ]
         )
@@ -363,6 +368,35 @@ def lrn_cells(r: dict) -> tuple[str, str]:
     )
 
 
+def lrn_table() -> str:
+    """`benchmarks/bench_lrn.py` on the CPU: per LRN input shape, forward+backward and forward alone."""
+    path = RESULTS / "lrn.json"
+    r = load(path)
+    rows = [lrn_row(e) for e in r["results"]]
+    header = ["input (N×C×H×W)", "forward+backward ms, torch → ours", "speed-up", "forward alone",
+              "max relative difference", "saved d powers vs d recomputed"]  # fmt: skip
+    step, ms = r["default_model_step"], r["default_model_step"]["ms_per_step"]
+    low, high = min(step["speedup_by_round"]), max(step["speedup_by_round"])
+    weights = "the same" if step["same_weights"] else "**other**"
+    return (
+        f"{table(header, rows)}\n\nThe default model's training step with the saved powers: "
+        f"{ms['recomputed']:.1f} → {ms['saved']:.1f} ms, **{step['speedup']:.2f}×** (rounds {low:.2f}–"
+        f"{high:.2f}), {weights} weights after {step['rounds'] * step['steps_per_round']} steps. "
+        f"{r['device_name']}, {r['threads']} threads, malloc: {r['allocator']}, {r['date']}, {rel(path)}"
+    )
+
+
+def lrn_row(e: dict) -> list[str]:
+    shape = "×".join(map(str, e["shape"]))
+    bits = "same bits" if e["same_bits_as_recomputed"] else "**other bits**"
+    return [
+        f"{e['label']} ({shape})", f"{e['torch_fwd_bwd_ms']:.1f} → {e['ours_fwd_bwd_ms']:.1f}",
+        f"**{e['speedup_fwd_bwd']:.2f}×**", f"{e['speedup_fwd']:.2f}×",
+        f"{max(e['max_rel_diff_out'], e['max_rel_diff_grad']):.1e}",
+        f"{e['saved_vs_recomputed']:.2f}× ({bits})",
+    ]  # fmt: skip
+
+
 def peak_rss(mib: dict) -> str:
     return f"{mib['glibc default']:.0f} → {mib['keep_freed_memory']:.0f}"
 
@@ -394,6 +428,7 @@ TABLES: dict[str, Callable[[], str]] = {
     "seeds": seeds_table,
     "throughput": throughput_table,
     "heap": heap_table,
+    "lrn": lrn_table,
     "int8": int8_table,
     "prepare": prepare_table,
     "gpu": gpu_table,

@@ -15,10 +15,9 @@ autograd Function with the analytic gradient
 
 (S' is the window sum transposed) does the work, tuned per device:
 
-* CPU: fresh full-size buffers cost page faults on first touch, more than the arithmetic.
-  The batch is walked in cache-sized chunks with one scratch tensor, the window sum is
-  ``n - 1`` in-place adds of channel-shifted slices, and only ``x`` is saved; the backward
-  recomputes d chunk by chunk.
+* CPU: every pass is a memory-bound elementwise op. The batch is walked in cache-sized
+  chunks and the window sum is ``n - 1`` in-place adds of channel-shifted slices; d's
+  powers are saved, so the backward makes 8 passes over the data instead of 18.
 * GPU: memory is pooled and kernel launches dominate, so the whole batch is done at once,
   the window sum is one reduction over an unfolded view, and d's powers are saved.
 
@@ -104,11 +103,13 @@ def _memory_format(x: Tensor) -> torch.memory_format:
     return torch.contiguous_format
 
 
-# CPU: every pass is a memory-bound elementwise op, and a fresh full-size tensor costs a
-# page fault per 4 KiB on first touch. So the batch is walked in chunks whose one scratch
-# tensor stays in cache, the outputs double as scratch, and the window sum is a few
-# in-place adds of channel-shifted slices (no padded copy). Only x is saved; the backward
-# recomputes d chunk by chunk, which is cheaper than writing and re-reading saved tensors.
+# CPU: every pass is a memory-bound elementwise op. So the batch is walked in chunks that
+# stay in cache, outputs double as scratch, and the window sum is a few in-place adds of
+# channel-shifted slices (no padded copy). For a backward, d^-b and d^(-b-1) are saved:
+# two more full-size tensors, which cost page faults on first touch unless malloc keeps
+# freed memory, as training sets it up to (`train.keep_freed_memory`). There, forward and
+# backward ran ×1.16-1.33 faster than with d recomputed in the backward, at the default
+# model's and the paper's LRN shapes, with the same bits (`benchmarks/bench_lrn.py`).
 def _cpu_rows(x: Tensor) -> int:
     return max(1, min(x.shape[0], _CHUNK_ELEMENTS // max(1, x[0].numel())))
 
@@ -150,29 +151,41 @@ def _cpu_inverse_power(denom: Tensor, beta: float, out: Tensor) -> Tensor:
     return torch.sqrt(denom, out=out).mul_(denom).rsqrt_()  # (d * d^0.5) ** -0.5
 
 
-def _cpu_forward(x: Tensor, size: int, alpha: float, beta: float, k: float) -> Tensor:
+def _cpu_forward(
+    x: Tensor, size: int, alpha: float, beta: float, k: float, for_grad: bool
+) -> tuple[Tensor, Tensor | None, Tensor | None]:
+    """(y, d^-b, d^(-b-1)); the powers only when a backward will need them."""
     y = torch.empty_like(x)
     rows = _cpu_rows(x)
-    scratch = torch.empty_like(x[:rows])
+    if for_grad:
+        scale, scale_over_d = torch.empty_like(x), torch.empty_like(x)
+    else:
+        scratch = torch.empty_like(x[:rows])
     for start, m in _spans(x.shape[0], rows):
-        xc, yc, denom = x.narrow(0, start, m), y.narrow(0, start, m), scratch[:m]
-        _cpu_denominator(xc, yc, denom, size, alpha, k)  # yc holds alpha/n x^2 meanwhile
-        _cpu_inverse_power(denom, beta, out=yc).mul_(xc)
-    return y
+        xc, yc = x.narrow(0, start, m), y.narrow(0, start, m)
+        if not for_grad:
+            denom = _cpu_denominator(xc, yc, scratch[:m], size, alpha, k)  # yc: alpha/n x^2 meanwhile
+            _cpu_inverse_power(denom, beta, out=yc).mul_(xc)
+            continue
+        qc, qdc = scale.narrow(0, start, m), scale_over_d.narrow(0, start, m)
+        denom = _cpu_denominator(xc, yc, qdc, size, alpha, k)
+        torch.mul(_cpu_inverse_power(denom, beta, out=qc), xc, out=yc)
+        torch.div(qc, denom, out=qdc)  # d's memory becomes d^(-b-1)
+    return (y, scale, scale_over_d) if for_grad else (y, None, None)
 
 
-def _cpu_backward(x: Tensor, grad: Tensor, size: int, alpha: float, beta: float, k: float) -> Tensor:
+def _cpu_backward(
+    x: Tensor, grad: Tensor, scale: Tensor, scale_over_d: Tensor, size: int, alpha: float, beta: float
+) -> Tensor:
     """grad_x = g q - (2ab/n) x S'(g x q / d), with q = d^-b and S' the transposed window."""
     grad_x = torch.empty_like(x)
     rows = _cpu_rows(x)
     scratch = torch.empty_like(x[:rows])
     coeff = -2.0 * alpha * beta / size
     for start, m in _spans(x.shape[0], rows):
-        xc, gc, gxc = (t.narrow(0, start, m) for t in (x, grad, grad_x))
-        denom = _cpu_denominator(xc, gxc, scratch[:m], size, alpha, k)
-        scale = _cpu_inverse_power(denom, beta, out=gxc)  # q, in the output's memory
-        spread = torch.div(scale, denom, out=denom).mul_(gc).mul_(xc)  # g x q / d
-        gxc.mul_(gc)
+        xc, gc, gxc, qc, qdc = (t.narrow(0, start, m) for t in (x, grad, grad_x, scale, scale_over_d))
+        spread = torch.mul(qdc, gc, out=scratch[:m]).mul_(xc)  # g x q / d
+        torch.mul(qc, gc, out=gxc)
         # Output c's window holds input c + j, j in -(n//2) .. (n-1)//2, so input c
         # collects from outputs c - j.
         for shift in range(-(size // 2), size - size // 2):
@@ -224,32 +237,26 @@ def _gpu_backward(
 
 
 class _LocalResponseNormFn(torch.autograd.Function):
-    """Analytic forward/backward; CPU saves only x, GPUs also save d^-b and d^(-b-1)."""
+    """Analytic forward/backward; saves x, d^-b and d^(-b-1)."""
 
     @staticmethod
     def forward(ctx, x: Tensor, size: int, alpha: float, beta: float, k: float) -> Tensor:  # type: ignore[override]
         ctx.hyper = (size, alpha, beta, k)
-        if _is_cpu(x):
-            ctx.save_for_backward(x)
-            return _cpu_forward(x, size, alpha, beta, k)
-        y, scale, scale_over_d = _gpu_forward(x, size, alpha, beta, k, for_grad=True)
+        forward = _cpu_forward if _is_cpu(x) else _gpu_forward
+        y, scale, scale_over_d = forward(x, size, alpha, beta, k, for_grad=True)
         ctx.save_for_backward(x, scale, scale_over_d)
         return y
 
     @staticmethod
     def backward(ctx, grad: Tensor) -> tuple[Tensor | None, None, None, None, None]:  # type: ignore[override]
-        x, *powers = ctx.saved_tensors
+        x, scale, scale_over_d = ctx.saved_tensors
         size, alpha, beta, k = ctx.hyper
         if torch.is_grad_enabled():
             # create_graph=True: build the gradient from differentiable ops (double backward).
-            grad_x = _plain_backward(x, grad, size, alpha, beta, k)
-        elif powers:
-            grad = grad.contiguous(memory_format=_memory_format(x))
-            grad_x = _gpu_backward(x, grad, *powers, size, alpha, beta)
-        else:
-            grad = grad.contiguous(memory_format=_memory_format(x))
-            grad_x = _cpu_backward(x, grad, size, alpha, beta, k)
-        return grad_x, None, None, None, None
+            return _plain_backward(x, grad, size, alpha, beta, k), None, None, None, None
+        grad = grad.contiguous(memory_format=_memory_format(x))
+        backward = _cpu_backward if _is_cpu(x) else _gpu_backward
+        return backward(x, grad, scale, scale_over_d, size, alpha, beta), None, None, None, None
 
 
 # --------------------------------------------------------------------------- public API
@@ -280,9 +287,8 @@ def local_response_norm(
     x = x.contiguous(memory_format=_memory_format(x))
     if torch.is_grad_enabled() and x.requires_grad:
         return _LocalResponseNormFn.apply(x, size, alpha, beta, k)
-    if _is_cpu(x):
-        return _cpu_forward(x, size, alpha, beta, k)
-    return _gpu_forward(x, size, alpha, beta, k, for_grad=False)[0]
+    forward = _cpu_forward if _is_cpu(x) else _gpu_forward
+    return forward(x, size, alpha, beta, k, for_grad=False)[0]
 
 
 class LocalResponseNorm(nn.Module):
