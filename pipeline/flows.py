@@ -580,7 +580,10 @@ def confusion_table(mlflow, run_id: str) -> list[dict]:
     except Exception:  # evaluate did not get that far
         return []
     pairs = list(csv.DictReader(io.StringIO(Path(local).read_text())))
-    classes = list(dict.fromkeys(p["actual"] for p in pairs) | dict.fromkeys(p["predicted"] for p in pairs))
+    index = {p["actual"]: p.get("actual_index") for p in pairs}
+    index |= {p["predicted"]: p.get("predicted_index") for p in pairs}
+    # the dataset's order where the file has the classes' indices (since 2026-12-03), else first seen
+    classes = sorted(index, key=lambda c: int(index[c] or 0)) if all(index.values()) else list(index)
     counts = {(a, b): 0 for a in classes for b in classes}
     for pair in pairs:
         counts[pair["actual"], pair["predicted"]] += 1

@@ -29,6 +29,7 @@ from prefect.client.schemas.filters import (
 from prefect.testing.utilities import prefect_test_harness
 
 from alexops.cli import STAGES as CLI_STAGES
+from alexops.datasets import FASHION_MNIST
 from pipeline import flows
 
 DATASET = "fashion-mnist"
@@ -84,7 +85,11 @@ def mlflow_client(env: dict):
 
 
 def confusion_total(artifact) -> int:
+    """Every count in the confusion table artifact; its rows checked to be in the dataset's class order."""
     rows = json.loads(artifact.data) if isinstance(artifact.data, str) else artifact.data
+    actual = [row["actual"] for row in rows]
+    assert actual == [c for c in FASHION_MNIST.classes if c in actual] and len(actual) > 1, actual
+    assert all(list(row)[1:] == actual for row in rows)  # the columns too
     return sum(v for row in rows for k, v in row.items() if k != "actual")
 
 

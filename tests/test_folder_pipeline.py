@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import hashlib
 import json
 import subprocess
@@ -62,13 +63,16 @@ def test_a_folder_dataset_trains_registers_and_serves_its_class_names(workspace,
     assert [(p["path"], p["reason"]) for p in found["problems"]] == [("square/broken.jpg", "corrupt_image")]
     evaluation = json.loads((reports / "evaluate.json").read_text())
     assert list(evaluation["per_class_accuracy"]) == list(CLASSES)
-    actual = [row.split(",")[0].strip('"') for row in confusion_rows(reports)]
+    rows = confusion_rows(reports)
+    actual = [row["actual"] for row in rows]
     most = max(CLASSES, key=actual.count)  # the first of equals, as evaluate's argmax
     assert (evaluation["majority_class"], evaluation["majority_class_accuracy"]) == (
         most,
         actual.count(most) / 12,
     )
-    assert set(confusion_rows(reports)) <= {f'"{a}","{p}"' for a in CLASSES for p in CLASSES}
+    for row in rows:  # the folders' class names, and their indices in the dataset's order
+        assert CLASSES[int(row["actual_index"])] == row["actual"]
+        assert CLASSES[int(row["predicted_index"])] == row["predicted"]
     record = json.loads((reports / "register.json").read_text())
     assert (record["model_name"], record["version"], record["alias"]) == ("alexnet-shapes", "1", "champion")
     run_data = registry(ws_env).get_run(record["run_id"]).data
@@ -166,9 +170,9 @@ def check_versions_compete_on_todays_test_set(workspace, ws_env, images) -> None
     assert aliases.get("challenger") in (None, "3")  # never a version that cannot answer the new class
 
 
-def confusion_rows(reports) -> list[str]:
-    """confusion.csv's rows, one a test image: `"actual","predicted"`."""
-    return (reports / "confusion.csv").read_text().splitlines()[1:]
+def confusion_rows(reports) -> list[dict]:
+    """confusion.csv's rows, one a test image: actual, predicted, actual_index, predicted_index."""
+    return list(csv.DictReader((reports / "confusion.csv").read_text().splitlines()))
 
 
 def check_the_server_answers_with_the_folders_class_names(workspace, ws_env, tmp_path) -> None:

@@ -29,8 +29,12 @@ HISTORY = """epoch,train_loss,train_accuracy,val_loss,val_accuracy,lr,seconds
 2,0.5,0.8,0.6,0.75,0.02,1.0
 3,0.25,0.9,0.45,0.85,0.01,1.0
 """
-# a folder dataset's class names may be anything: the page says it is UTF-8
-CONFUSION = 'actual,predicted\n"Écharpe","Écharpe"\n"Écharpe","Bag"\n"Bag","Bag"\n'
+# a folder dataset's class names may be anything: the page says it is UTF-8; class 0 sorts last by name
+CONFUSION = """actual,predicted,actual_index,predicted_index
+"Écharpe","Écharpe",0,0
+"Écharpe","Bag",0,1
+"Bag","Bag",1,1
+"""
 REMOTE_SCRIPT = re.compile(r"<script[^>]*\bsrc\s*=\s*[\"']?(?:https?:)?//", re.IGNORECASE)
 
 
@@ -97,7 +101,11 @@ def test_the_offline_page_draws_every_chart_with_no_network(workspace, ws_env):
     # vega's SVG names every point it drew
     assert 'aria-label="epoch: 3; loss: 0.25; rev: workspace; field: train_loss"' in drawn["loss"]
     assert 'aria-label="epoch: 3; accuracy: 0.85; rev: workspace; field: val_accuracy"' in drawn["accuracy"]
-    assert 'aria-label="predicted: Bag; actual: Écharpe; xy_count: 1"' in drawn["confusion"]
+    confusion = drawn["confusion"]
+    assert 'aria-label="predicted: Bag; actual: Écharpe; share of the row: 50%; images: 1"' in confusion
+    for axis in ("X-axis titled 'predicted'", "Y-axis titled 'actual'"):  # the dataset's order, not by name
+        assert f"{axis} for a discrete scale with 2 values: Écharpe, Bag" in confusion
+    assert "<input" not in confusion  # counts are drawn on the cells: no bare showValues checkbox
     assert "for strokeDash with 2 values: train_loss, val_loss" in drawn["loss"]  # the legend
 
     # no validation hold-out (train.val_size 0): the val_* columns are NaN, and the curves show

@@ -115,9 +115,10 @@ def evaluate(params: Params, paths: Paths) -> dict:
 
 def write_reports(paths: Paths, report: dict, best: dict, labels: torch.Tensor, classes: list[str]) -> None:
     files.write_json(paths.reports / "evaluate.json", report)
-    # one row per test image: the form DVC's confusion-matrix template reads
-    rows = ["actual,predicted"] + [
-        f'"{classes[a]}","{classes[p]}"'
+    # one row per test image, as DVC's confusion-matrix templates read it; the classes' indices
+    # order the axes as the dataset orders them (.dvc/plots/confusion_matrix.json), not by name
+    rows = ["actual,predicted,actual_index,predicted_index"] + [
+        f'"{classes[a]}","{classes[p]}",{a},{p}'
         for a, p in zip(labels.tolist(), best["predicted"].tolist(), strict=True)
     ]
     files.write_text(paths.reports / "confusion.csv", "\n".join(rows) + "\n")
