@@ -91,6 +91,13 @@ PLAN = [
     ("rr107_val0_ls", ["dropout=0.25", "label_smoothing=0.1", "resize_ratio=1.0707", "val_size=0"], 42),
     # row 14 again on the VM that ran rows 17-18 (AVX2, 2026-12-01): their like-for-like reference
     ("rr107_ls_milan", ["dropout=0.25", "label_smoothing=0.1", "resize_ratio=1.0707"], 42),
+    # on row 18 (the committed recipe), one thread: more label smoothing, a little random erasing
+    ("rr107_val0_ls20", ["dropout=0.25", "label_smoothing=0.2", "resize_ratio=1.0707", "val_size=0"], 42),
+    (
+        "rr107_val0_ls_re15",
+        ["dropout=0.25", "label_smoothing=0.1", "resize_ratio=1.0707", "val_size=0", "erasing=0.15"],
+        42,
+    ),
 ]
 FINAL_SEEDS = (1, 2)
 

@@ -53,6 +53,10 @@ ABLATION = [
     # dropout's cost is within the cost measurement's noise (rows 5 and 7): row 14's step prices both
     ("rr107_do0_ls", "raw", "rr107", 14, "no dropout"),
     ("rr107_val0_ls", "raw", "rr107", 14, "no validation hold-out: all 60,000 training images train"),
+    # on the committed recipe (row 18): label smoothing costs no arithmetic, erasing's is within the
+    # cost measurement's noise (row 3, at p = 0.5: ×1.00), so row 14's step prices both
+    ("rr107_val0_ls20", "raw", "rr107", 18, "label smoothing 0.2, not 0.1"),
+    ("rr107_val0_ls_re15", "raw", "rr107", 18, "random erasing (p = 0.15)"),
 ]
 # Fashion-MNIST's training images: what train.val_size holds out of them is not trained on
 TRAIN_IMAGES = 60_000
