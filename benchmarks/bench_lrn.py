@@ -115,8 +115,9 @@ class RecomputedLRN(torch.nn.Module):
 
 def training_steps(rounds: int, steps: int) -> dict:
     """The default model's training step (params.yaml: 99 px, width 0.25, batch 128, channels-last,
-    SGD) with ours against the recomputing kernels: the two models taking turns, `steps` steps a
-    round, on the same batch from the same initial weights, whose final weights are compared."""
+    SGD; no dropout, whose masks the two would draw from one generator) with ours against the
+    recomputing kernels: the two models taking turns, `steps` steps a round, on the same batch
+    from the same initial weights, whose final weights are compared."""
     from alexops.model import AlexNet
 
     gen = torch.Generator().manual_seed(0)

@@ -583,7 +583,7 @@ def confusion_table(mlflow, run_id: str) -> list[dict]:
     index = {p["actual"]: p.get("actual_index") for p in pairs}
     index |= {p["predicted"]: p.get("predicted_index") for p in pairs}
     # the dataset's order where the file has the classes' indices (since 2026-12-03), else first seen
-    classes = sorted(index, key=lambda c: int(index[c] or 0)) if all(index.values()) else list(index)
+    classes = sorted(index, key=lambda c: int(index[c])) if all(index.values()) else list(index)
     counts = {(a, b): 0 for a in classes for b in classes}
     for pair in pairs:
         counts[pair["actual"], pair["predicted"]] += 1
