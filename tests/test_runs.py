@@ -352,6 +352,35 @@ def test_a_stop_waits_for_a_stage_write_on_sqlite_only(tmp_path, store, held):
         mlflow.set_tracking_uri(previous_uri)
 
 
+def test_a_second_stop_while_the_run_is_ended_killed_waits_until_it_is(tmp_path, monkeypatch):
+    """Ctrl-C, then Ctrl-C again while the stage writes KILLED: on SQLite the second stop is held
+    until the run is ended, so no run is left RUNNING with its transaction cut short."""
+
+    def stop(number, frame):
+        raise KeyboardInterrupt(signal.Signals(number).name)
+
+    end_run = mlflow.end_run
+
+    def stopped_again(status):
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(0.1)  # the handler would have run by now
+        end_run(status)
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    previous_uri, previous = mlflow.get_tracking_uri(), signal.signal(signal.SIGTERM, stop)
+    mlflow.set_tracking_uri(uri)
+    try:
+        with pytest.raises(KeyboardInterrupt, match="SIGTERM"), tracking.recorded_run(mlflow, "train") as run:
+            monkeypatch.setattr(mlflow, "end_run", stopped_again)
+            raise KeyboardInterrupt("SIGINT")
+        monkeypatch.undo()
+        ended = client_for(uri).get_run(run.info.run_id)
+        assert ended.info.status == "KILLED" and ended.data.tags["failure.reason"] == "stopped by SIGINT"
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        mlflow.set_tracking_uri(previous_uri)
+
+
 def test_a_resumed_run_logs_the_parameter_count_once(tmp_path):
     """A rerun after a failure past the end of training resumes the run that already holds it."""
     from alexops import train

@@ -496,16 +496,19 @@ def machine_identity() -> str:
 
 
 def _end(mlflow, status: str, stage: str, reason: str | None) -> None:
-    try:
-        if reason is not None:
-            mlflow.set_tags({"failure.stage": stage, "failure.reason": reason[:5000]})
-        else:  # a stage that finished clears what an earlier, failed attempt left
-            for key in ("failure.stage", "failure.reason"):
-                with contextlib.suppress(Exception):
-                    mlflow.MlflowClient().delete_tag(mlflow.active_run().info.run_id, key)
-        mlflow.end_run(status)
-    except Exception as exc:  # the store went away too: say so, keep the stage's own error
-        print(f"alexops {stage}: could not mark the MLflow run {status} ({one_line(exc)})")
+    """End the active run with `status`; a stop that comes meanwhile (a second Ctrl-C, say) waits
+    on a SQLite store until the run is ended, and is raised then (`store_write`)."""
+    with store_write(mlflow):
+        try:
+            if reason is not None:
+                mlflow.set_tags({"failure.stage": stage, "failure.reason": reason[:5000]})
+            else:  # a stage that finished clears what an earlier, failed attempt left
+                for key in ("failure.stage", "failure.reason"):
+                    with contextlib.suppress(Exception):
+                        mlflow.MlflowClient().delete_tag(mlflow.active_run().info.run_id, key)
+            mlflow.end_run(status)
+        except Exception as exc:  # the store went away too: say so, keep the stage's own error
+            print(f"alexops {stage}: could not mark the MLflow run {status} ({one_line(exc)})")
 
 
 def close_dead_runs(mlflow, experiment_id: str) -> list[str]:
