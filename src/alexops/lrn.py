@@ -162,15 +162,15 @@ def _cpu_forward(
     else:
         scratch = torch.empty_like(x[:rows])
     for start, m in _spans(x.shape[0], rows):
-        xc, yc = x.narrow(0, start, m), y.narrow(0, start, m)
-        if not for_grad:
-            denom = _cpu_denominator(xc, yc, scratch[:m], size, alpha, k)  # yc: alpha/n x^2 meanwhile
+        xc, yc = x.narrow(0, start, m), y.narrow(0, start, m)  # yc holds alpha/n x^2 meanwhile
+        if for_grad:
+            qc, qdc = scale.narrow(0, start, m), scale_over_d.narrow(0, start, m)
+            denom = _cpu_denominator(xc, yc, qdc, size, alpha, k)
+            torch.mul(_cpu_inverse_power(denom, beta, out=qc), xc, out=yc)
+            torch.div(qc, denom, out=qdc)  # d's memory becomes d^(-b-1)
+        else:
+            denom = _cpu_denominator(xc, yc, scratch[:m], size, alpha, k)
             _cpu_inverse_power(denom, beta, out=yc).mul_(xc)
-            continue
-        qc, qdc = scale.narrow(0, start, m), scale_over_d.narrow(0, start, m)
-        denom = _cpu_denominator(xc, yc, qdc, size, alpha, k)
-        torch.mul(_cpu_inverse_power(denom, beta, out=qc), xc, out=yc)
-        torch.div(qc, denom, out=qdc)  # d's memory becomes d^(-b-1)
     return (y, scale, scale_over_d) if for_grad else (y, None, None)
 
 
