@@ -1,6 +1,6 @@
 """The images the README's serving examples send: three of Fashion-MNIST's test images.
 
-    python examples/make_examples.py [--data /usr/share/datasets/fashion-mnist]
+    .venv/bin/python examples/make_examples.py [--data /usr/share/datasets/fashion-mnist]
 
 `ankle-boot.png` is test image 0 as the dataset has it (28×28 gray PNG), `pullover.jpg` test
 image 1 as a JPEG, and `shop-photo.jpg` test image 9 (a sneaker) as a shop's catalogue photo,
