@@ -575,6 +575,8 @@ def param_rows(found, overrides: dict[str, Any]) -> list[str]:
 
 def confusion_table(mlflow, run_id: str) -> list[dict]:
     """Counts per (actual, predicted) from the run's evaluate/confusion.csv, in class order."""
+    # MLflow's download bar is drawn for a terminal: in the flow's log it was the same bar three times
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     try:
         local = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path="evaluate/confusion.csv")
     except Exception:  # evaluate did not get that far

@@ -106,9 +106,12 @@ class OpenGate(logging.Handler):
 
 
 def test_a_quick_run_streams_each_stage_live_with_progress_and_a_summary(
-    prefect_server, workspace, ws_env, monkeypatch, tmp_path
+    prefect_server, workspace, ws_env, monkeypatch, tmp_path, capfd
 ):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", ws_env["MLFLOW_TRACKING_URI"])
+    # MLflow's default, whatever this shell says; undone after the test, like the flow's own choice
+    monkeypatch.setenv("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "true")
+    monkeypatch.delenv("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR")
     # train holds after writing its epoch 1 line until the flow has logged that line (the gate):
     # a flow that forwarded lines only when the stage ended would log it after train's last metric
     gate, epoch_line = tmp_path / "flow-logged-epoch-1", "epoch 1/2: loss"
@@ -143,6 +146,7 @@ def test_a_quick_run_streams_each_stage_live_with_progress_and_a_summary(
     assert f"alexnet-fashion-mnist version {record['version']} → @champion" in summary
     assert record["run_id"] in summary and "test_accuracy" in summary
     assert confusion_total(artifacts[f"confusion-{DATASET}"]) == 80  # every test image
+    assert "Downloading artifacts" not in capfd.readouterr().err  # the table's download drew no bar
     training = artifacts[f"training-{DATASET}"]
     assert training.type == "progress" and float(training.data) == 100.0
     assert "epoch 2/2" in training.description and "ETA" in training.description
