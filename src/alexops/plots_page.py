@@ -61,6 +61,25 @@ PAGE = """<!DOCTYPE html>
         table {
             border-spacing: 15px;
         }
+        /* DVC's box of PNGs, one per revision, keeps them on one line (nowrap): two 800 px
+           figures scrolled sideways. Here the name takes a line and the revisions share the
+           next one equally, each figure scaled down to its share (never up). */
+        div[style*="nowrap"] {
+            display: flex;
+            flex-wrap: wrap;
+            justify-content: center;
+        }
+        div[style*="nowrap"] > p {
+            flex-basis: 100%;
+        }
+        div[style*="nowrap"] > div {
+            flex: 1 1 0;
+            min-width: 0;
+        }
+        div[style*="nowrap"] img {
+            max-width: 100%;
+            height: auto;
+        }
     </style>
 </head>
 <body>
