@@ -59,21 +59,20 @@ LOOK = augmented.png model_summary.png mistakes.png
 look:
 	@d=$(DATASET); $(BIN)/dvc plots show -o dvc_plots/look $(addprefix reports/$$d/,$(LOOK))
 
-# The local Prefect servers (flow's temporary one too) send Prefect no usage analytics, as the
-# stack's does not: offline, each attempt logged an ERROR line that was not the pipeline's
-NO_ANALYTICS := PREFECT_SERVER_ANALYTICS_ENABLED=false
 flow: install mirror
-	$(NO_ANALYTICS) PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m pipeline.flows $(ARGS)
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m pipeline.flows $(ARGS)
 
 # A grid of DVC experiments, N at a time, grouped as one sweep in MLflow; @champion ends on the best:
 #   make sweep ARGS="-S train.lr=0.02,0.05,0.1 -j 2"
 sweep: install mirror
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/alexops sweep $(ARGS)
 
-# Prefect: a local server with its UI, then the deployments of prefect.yaml and a worker.
+# Prefect: a local server with its UI, then the deployments of prefect.yaml and a worker. The
+# server sends Prefect no usage analytics, as the stack's and `make flow`'s do not (offline, each
+# attempt logged an ERROR line that was not the pipeline's).
 PREFECT_API ?= http://127.0.0.1:4200/api
 prefect-server: install
-	$(NO_ANALYTICS) $(BIN)/prefect server start --host 127.0.0.1 --port 4200
+	PREFECT_SERVER_ANALYTICS_ENABLED=false $(BIN)/prefect server start --host 127.0.0.1 --port 4200
 
 # Needs `make prefect-server` running (or PREFECT_API pointing at a server). The worker runs
 # scheduled and UI-triggered runs in this checkout until stopped (Ctrl-C).

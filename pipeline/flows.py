@@ -614,6 +614,9 @@ def main() -> None:
     parser.add_argument("-S", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="a param for this run only, as a DVC experiment (repeatable)")  # fmt: skip
     args = parser.parse_args()
+    # the temporary local server this starts sends Prefect no usage analytics, as the stack's does
+    # not: offline, each attempt logged an ERROR line that was not the pipeline's
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     state = pipeline(
         workspace=args.workspace,
         dataset=args.dataset,
