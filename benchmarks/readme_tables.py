@@ -57,6 +57,10 @@ ABLATION = [
     # cost measurement's noise (row 3, at p = 0.5: ×1.00), so row 14's step prices both
     ("rr107_val0_ls20", "raw", "rr107", 18, "label smoothing 0.2, not 0.1"),
     ("rr107_val0_ls_re15", "raw", "rr107", 18, "random erasing (p = 0.15)"),
+    # the lighting is a per-image colour shift (a few ops on a (N, C) tensor), dropout's rate costs
+    # nothing: row 14's step prices both
+    ("rr107_val0_ls_l0", "raw", "rr107", 18, "no PCA lighting (lighting_std 0, not 0.1)"),
+    ("rr107_val0_ls_do10", "raw", "rr107", 18, "dropout 0.1, not 0.25"),
 ]
 # Fashion-MNIST's training images: what train.val_size holds out of them is not trained on
 TRAIN_IMAGES = 60_000
