@@ -61,6 +61,8 @@ ABLATION = [
     # nothing: row 14's step prices both
     ("rr107_val0_ls_l0", "raw", "rr107", 18, "no PCA lighting (lighting_std 0, not 0.1)"),
     ("rr107_val0_ls_do10", "raw", "rr107", 18, "dropout 0.1, not 0.25"),
+    ("rr107_val0_ls_b256", "raw", "b256", 18, "batch 256 (lr 0.1, the linear scaling rule)"),
+    ("rr107_val0_ls_e28", "raw", "rr107", 18, "28 epochs, not 30"),
 ]
 # Fashion-MNIST's training images: what train.val_size holds out of them is not trained on
 TRAIN_IMAGES = 60_000
@@ -95,7 +97,7 @@ def recipe_table() -> str:
     base_epochs = baseline["train_params"]["epochs"]
     base_val = baseline["train_params"]["val_size"]
     speeds = {}
-    for name in ("cost-ablation.json", "cost-width.json", "cost-crop.json"):
+    for name in ("cost-ablation.json", "cost-width.json", "cost-crop.json", "cost-batch.json"):
         speeds |= load(RECIPE / name)["variants"]
     first = baseline["accuracy_run"]
     accuracies = [first["test_accuracy_ten_crop"]]
