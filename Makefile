@@ -68,11 +68,11 @@ sweep: install mirror
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/alexops sweep $(ARGS)
 
 # Prefect: a local server with its UI, then the deployments of prefect.yaml and a worker. The
-# server sends Prefect no usage analytics, as the stack's and `make flow`'s do not (offline, each
-# attempt logged an ERROR line that was not the pipeline's).
+# server sends Prefect no usage analytics unless the variable says otherwise, as the stack's and
+# `make flow`'s do not (offline, each attempt logged an ERROR line that was not the pipeline's).
 PREFECT_API ?= http://127.0.0.1:4200/api
 prefect-server: install
-	PREFECT_SERVER_ANALYTICS_ENABLED=false $(BIN)/prefect server start --host 127.0.0.1 --port 4200
+	PREFECT_SERVER_ANALYTICS_ENABLED=$${PREFECT_SERVER_ANALYTICS_ENABLED:-false} $(BIN)/prefect server start --host 127.0.0.1 --port 4200
 
 # Needs `make prefect-server` running (or PREFECT_API pointing at a server). The worker runs
 # scheduled and UI-triggered runs in this checkout until stopped (Ctrl-C).

@@ -439,6 +439,9 @@ def pipeline(
     dataset: params.yaml's, a dataset name, or "all". epochs, lr and overrides
     ({"train.batch_size": 64, ...}) apply to this run only, as a DVC experiment.
     """
+    # MLflow's transfer bars are drawn for a terminal: in the flow's log (this process's and its
+    # stages') a download's bar came out as the same bar three times on one line
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     root = Path(workspace).resolve()
     changes = all_overrides(epochs, lr, overrides)
     summaries = []
@@ -575,13 +578,11 @@ def param_rows(found, overrides: dict[str, Any]) -> list[str]:
 
 def confusion_table(mlflow, run_id: str) -> list[dict]:
     """Counts per (actual, predicted) from the run's evaluate/confusion.csv, in class order."""
-    # MLflow's download bar is drawn for a terminal: in the flow's log it was the same bar three times
-    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
-    try:
-        local = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path="evaluate/confusion.csv")
+    try:  # into a temporary folder, removed after the read
+        text = mlflow.artifacts.load_text(f"runs:/{run_id}/evaluate/confusion.csv")
     except Exception:  # evaluate did not get that far
         return []
-    pairs = list(csv.DictReader(io.StringIO(Path(local).read_text())))
+    pairs = list(csv.DictReader(io.StringIO(text)))
     index = {p["actual"]: p.get("actual_index") for p in pairs}
     index |= {p["predicted"]: p.get("predicted_index") for p in pairs}
     # the dataset's order where the file has the classes' indices (since 2026-12-03), else first seen
