@@ -119,10 +119,32 @@ def test_the_offline_page_draws_every_chart_with_no_network(workspace, ws_env):
         assert "val_" not in drawn[chart]
 
 
-def draw(workspace, env, out: str) -> dict[str, str]:
-    """`dvc plots show -o out` drawn by headless Chromium with every host name unresolvable: each
-    chart's SVG, by name."""
-    plots_show(workspace, env, out)
+@pytest.mark.skipif(not shutil.which("chromium"), reason="no chromium to draw the page with")
+def test_dvc_plots_diff_draws_an_unchanged_curve_thin_over_thick(workspace, ws_env):
+    write_reports(workspace)
+    make_page(workspace, ws_env)
+    run(["git", "add", "reports"], workspace)
+    run(["git", "-c", "user.email=t@t", "-c", "user.name=t", "commit", "-q", "-m", "reports"], workspace)
+    # the workspace against HEAD: the same curves, which the later revision's line used to hide
+    drawn = draw(workspace, ws_env, "diff", "diff", "HEAD")
+    lines = re.findall(r'aria-roledescription="line mark"[^>]*stroke="([^"]+)"[^>]*stroke-width="([^"]+)"',
+                       drawn["loss"])  # fmt: skip
+    # train and val for each revision: the workspace's first and thick, then HEAD's thin on top
+    assert [float(width) for _, width in lines] == [5, 5, 1.5, 1.5], lines
+    assert len({colour for colour, _ in lines}) == 2  # the revisions' colours
+    # the offline page's CSS finds DVC's box of PNGs by its inline `white-space: nowrap`
+    from dvc_render.image import ImageRenderer
+
+    assert "nowrap" in ImageRenderer.DIV
+
+
+def draw(workspace, env, out: str, *command: str) -> dict[str, str]:
+    """`dvc plots show -o out` (or another `dvc plots` command) drawn by headless Chromium with
+    every host name unresolvable: each chart's SVG, by name."""
+    if command:
+        run([f"{VENV_BIN}/dvc", "plots", *command, "-o", out], workspace, env)
+    else:
+        plots_show(workspace, env, out)
     page = (workspace / out / "index.html").as_uri()
     dom = run(
         ["chromium", "--headless", "--no-sandbox", "--disable-gpu", "--host-resolver-rules=MAP * ~NOTFOUND",

@@ -75,6 +75,7 @@ PAGE = """<!DOCTYPE html>
         div[style*="nowrap"] > div {
             flex: 1 1 0;
             min-width: 0;
+            max-width: max-content;
         }
         div[style*="nowrap"] img {
             max-width: 100%;
