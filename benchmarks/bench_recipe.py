@@ -109,6 +109,9 @@ PLAN = [
     # than row 18's step) and fewer epochs (28 of 30 would fit 958 s into 900)
     ("rr107_val0_ls_b256", [*ROW_18, "batch_size=256", "lr=0.1"], 42),
     ("rr107_val0_ls_e28", [*ROW_18, "epochs=28"], 42),
+    # on row 18, one thread: the optimiser, the other way from row 10 (weight decay) and more momentum
+    ("rr107_val0_ls_wd1e3", [*ROW_18, "weight_decay=0.001"], 42),
+    ("rr107_val0_ls_m95", [*ROW_18, "momentum=0.95"], 42),
 ]
 FINAL_SEEDS = (1, 2)
 

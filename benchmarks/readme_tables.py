@@ -63,6 +63,9 @@ ABLATION = [
     ("rr107_val0_ls_do10", "raw", "rr107", 18, "dropout 0.1, not 0.25"),
     ("rr107_val0_ls_b256", "raw", "b256", 18, "batch 256 (lr 0.1, the linear scaling rule)"),
     ("rr107_val0_ls_e28", "raw", "rr107", 18, "28 epochs, not 30"),
+    # the optimiser's settings, not the step's arithmetic: row 14's step prices both
+    ("rr107_val0_ls_wd1e3", "raw", "rr107", 18, "weight decay 0.001, not 0.0005"),
+    ("rr107_val0_ls_m95", "raw", "rr107", 18, "momentum 0.95, not 0.9"),
 ]
 # Fashion-MNIST's training images: what train.val_size holds out of them is not trained on
 TRAIN_IMAGES = 60_000
