@@ -24,8 +24,13 @@ from alexops.paths import Paths
 REPO = Path(__file__).resolve().parents[1]
 VENV_BIN = str(Path(sys.executable).parent)
 
+# What every process a test starts inherits: DVC sends no usage analytics (each command
+# started a daemon that tried to, offline; the flows' DVC commands too).
+os.environ.setdefault("DVC_NO_ANALYTICS", "1")
+
 # The longest test files first, so that `make test`'s workers (pytest-xdist, one file per
-# worker) start them together rather than end on one of them alone. Measured at 5977501 (seconds
+# worker, --no-loadscope-reorder keeping this order) start them together rather than end on
+# one of them alone. Measured at 5977501 (seconds
 # of setup + call + teardown under `make test`'s load): stack 811, faults 733, runs 707, flow 556,
 # pipeline 498, experiments 448, faults_tracking 338, serve 227, folder_pipeline 211, train 171.
 LONGEST_FIRST = (
