@@ -169,12 +169,14 @@ bench-prepare: install mirror
 	$(BIN)/python benchmarks/bench_prepare.py equivalence
 	$(BIN)/python benchmarks/bench_prepare.py scale
 
+# Neither runs MLflow's job consumers (GenAI scorers): alexops submits no jobs (stack/services.py)
+MLFLOW_JOBS = MLFLOW_SERVER_ENABLE_JOB_EXECUTION=$${MLFLOW_SERVER_ENABLE_JOB_EXECUTION:-false}
 mlflow-ui: install
-	$(BIN)/mlflow ui --backend-store-uri sqlite:///mlflow.db --host 127.0.0.1 --port 5000
+	$(MLFLOW_JOBS) $(BIN)/mlflow ui --backend-store-uri sqlite:///mlflow.db --host 127.0.0.1 --port 5000
 
 # A tracking server for the pipeline: export MLFLOW_TRACKING_URI=http://127.0.0.1:5000
 mlflow-server: install
-	$(BIN)/mlflow server --backend-store-uri sqlite:///mlflow.db --artifacts-destination ./mlartifacts \
+	$(MLFLOW_JOBS) $(BIN)/mlflow server --backend-store-uri sqlite:///mlflow.db --artifacts-destination ./mlartifacts \
 	  --host 127.0.0.1 --port 5000
 
 clean:

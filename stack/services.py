@@ -492,6 +492,9 @@ class Stack:
         }
         # a dead S3 endpoint is an error within a second or two, not after botocore's 5 tries
         env |= {"AWS_RETRY_MODE": "standard", "AWS_MAX_ATTEMPTS": "2"}
+        # MLflow's job runner (GenAI scorers, prompt optimisation) starts a Huey consumer per job
+        # kind, each importing MLflow again (3 s of CPU apiece); alexops submits no jobs
+        env.setdefault("MLFLOW_SERVER_ENABLE_JOB_EXECUTION", "false")
         for key in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI"):
             env.pop(key, None)
         command = [

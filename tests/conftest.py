@@ -27,6 +27,9 @@ VENV_BIN = str(Path(sys.executable).parent)
 # What every process a test starts inherits: DVC sends no usage analytics (each command
 # started a daemon that tried to, offline; the flows' DVC commands too).
 os.environ.setdefault("DVC_NO_ANALYTICS", "1")
+# For the MLflow servers the tests start themselves: no job consumers (GenAI scorers), seven
+# processes per server, each importing MLflow. The stack and `make mlflow-server` do the same.
+NO_MLFLOW_JOBS = {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
 
 # The longest test files first, so that `make test`'s workers (pytest-xdist, one file per
 # worker, --no-loadscope-reorder keeping this order) start them together rather than end on

@@ -17,7 +17,7 @@ from pathlib import Path
 import mlflow
 import pytest
 import yaml
-from conftest import stage_command
+from conftest import NO_MLFLOW_JOBS, stage_command
 
 from alexops import files, register, tracking
 from alexops.errors import AlexopsError
@@ -420,7 +420,7 @@ class TrackingServer:
              "--port", str(self.port), "--workers", "1",
              "--backend-store-uri", f"sqlite:///{self.directory}/mlflow.db",
              "--artifacts-destination", (self.directory / "artifacts").as_uri()],
-            stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+            stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=os.environ | NO_MLFLOW_JOBS,
         )  # fmt: skip
         log.close()
         deadline = time.monotonic() + 180
@@ -547,3 +547,4 @@ def test_a_tracking_patience_that_is_no_number_of_seconds_is_one_clear_error(mon
         AlexopsError, match=f"ALEXOPS_TRACKING_PATIENCE must be a number of seconds ≥ 0, not '{value}'"
     ):
         tracking.patience_s()
+

@@ -165,6 +165,20 @@ def test_make_stack_is_idempotent_on_loopback_and_s3_keeps_objects_across_a_rest
     stack.restart("s3")
     assert client.get_object(Bucket=DVC_BUCKET, Key="probe/kept.txt")["Body"].read() == b"still here"
     client.delete_object(Bucket=DVC_BUCKET, Key="probe/kept.txt")
+    # alexops submits no MLflow jobs: the server starts none of its job consumers (seven
+    # processes, each importing MLflow)
+    assert not [c for c in group_commands(pids["mlflow"]) if "huey" in c], group_commands(pids["mlflow"])
+
+
+def group_commands(group: int) -> list[str]:
+    """The command lines of the processes in process group `group` (/proc/<pid>/stat's 5th field)."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError):  # a process that ended meanwhile
+            fields = stat.read_text().rsplit(")", 1)[1].split()  # after the name, which may hold spaces
+            if int(fields[2]) == group:
+                found.append(stat.with_name("cmdline").read_bytes().replace(b"\0", b" ").decode())
+    return found
 
 
 def listening_addresses(ports: set[int]) -> list[str]:

@@ -15,7 +15,7 @@ import time
 import urllib.request
 from pathlib import Path
 
-from conftest import run
+from conftest import NO_MLFLOW_JOBS, run
 from test_faults import DATASET, DVC, alexops, champion_version
 
 # 4. concurrency -------------------------------------------------------------------------
@@ -52,6 +52,7 @@ def start_mlflow_server(store: Path, port: int) -> subprocess.Popen:
          "--backend-store-uri", f"sqlite:///{store}/mlflow.db", "--artifacts-destination",
          str(store / "artifacts"), "--workers", "1"],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+        env=os.environ | NO_MLFLOW_JOBS,
     )  # fmt: skip
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
