@@ -548,3 +548,33 @@ def test_a_tracking_patience_that_is_no_number_of_seconds_is_one_clear_error(mon
     ):
         tracking.patience_s()
 
+
+def test_a_server_whose_database_does_not_answer_is_diagnosed_as_its_backend_store(monkeypatch):
+    """A worker of `mlflow server` that first meets its database while it is down keeps retrying
+    to connect for about 100 s: /health answers, a query does not. The diagnosis names the backend
+    store, not the server, whatever the database (here an HTTP server on 127.0.0.1 that answers
+    /health and leaves the query unanswered past the probe's timeout)."""
+    import http.server
+    import threading
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            if self.path != "/health":
+                time.sleep(2)  # past the probe's timeout below
+            self.send_response(200)
+            self.end_headers()
+            self.wfile.write(b"OK")
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    monkeypatch.setattr(tracking, "PROBE_TIMEOUT_S", 0.5)
+    try:
+        why = tracking.server_diagnosis(f"http://127.0.0.1:{server.server_address[1]}")
+    finally:
+        server.shutdown()
+    assert why is not None and "backend store does not answer" in why and "timed out" in why
+    assert "Fix: start the database" in why

@@ -733,6 +733,12 @@ def server_diagnosis(uri: str) -> str | None:
             f"the MLflow server {uri} is up, but its backend store ({database}) is not: {detail}. "
             "Fix: start the database (the team stack: `make stack`), then rerun the stage."
         )
+    if status is None:  # /health answered, a query did not: a server worker that first meets its
+        # database while it is down retries connecting for about 100 s (MLflow's engine retry)
+        return (
+            f"the MLflow server {uri} is up, but its backend store does not answer a query ({detail}). "
+            "Fix: start the database (the team stack: `make stack`), then rerun the stage."
+        )
     status, detail = _probe(f"{base}/api/2.0/mlflow-artifacts/artifacts?path=")
     if status is not None and status >= 500:
         return (
@@ -744,14 +750,18 @@ def server_diagnosis(uri: str) -> str | None:
     return None
 
 
-def _probe(url: str, timeout_s: float = 30.0) -> tuple[int | None, str]:
-    """(HTTP status, the server's message or the connection error); status None: no answer."""
+PROBE_TIMEOUT_S = 30.0
+
+
+def _probe(url: str) -> tuple[int | None, str]:
+    """(HTTP status, the server's message or the connection error); status None: no answer
+    within PROBE_TIMEOUT_S."""
     import json
     import urllib.error
     import urllib.request
 
     try:
-        with urllib.request.urlopen(url, timeout=timeout_s) as response:
+        with urllib.request.urlopen(url, timeout=PROBE_TIMEOUT_S) as response:
             return response.status, "ok"
     except urllib.error.HTTPError as error:
         body = error.read().decode("utf-8", "replace")
