@@ -93,7 +93,8 @@ pull: install
 # Test files run side by side (pytest-xdist, a file per worker): 4 workers keep 2 cores busy
 # through the waits on servers a test starts (vmstat over a whole run: 97% busy, CPU-bound).
 # The files go out in tests/conftest.py's order, longest first: xdist's default reorder (most
-# tests first) started the two longest, one test each, 11 minutes into a 22-minute run.
+# tests first) started the files of the two longest tests (test_pipeline, test_experiments, one
+# or two tests each) 11 and 12 minutes into a 22-minute run.
 TEST_WORKERS ?= 4
 XDIST = -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder
 test: install stack-install

@@ -557,10 +557,13 @@ def test_a_server_whose_database_does_not_answer_is_diagnosed_as_its_backend_sto
     import http.server
     import threading
 
+    released = threading.Event()
+
     class Handler(http.server.BaseHTTPRequestHandler):
         def do_GET(self):
             if self.path != "/health":
-                time.sleep(2)  # past the probe's timeout below
+                released.wait(5)  # past the probe's timeout below; no answer
+                return
             self.send_response(200)
             self.end_headers()
             self.wfile.write(b"OK")
@@ -569,12 +572,13 @@ def test_a_server_whose_database_does_not_answer_is_diagnosed_as_its_backend_sto
             pass
 
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    server.daemon_threads = True
     threading.Thread(target=server.serve_forever, daemon=True).start()
     monkeypatch.setattr(tracking, "PROBE_TIMEOUT_S", 0.5)
     try:
         why = tracking.server_diagnosis(f"http://127.0.0.1:{server.server_address[1]}")
     finally:
+        released.set()
         server.shutdown()
+        server.server_close()
     assert why is not None and "backend store does not answer" in why and "timed out" in why
     assert "Fix: start the database" in why

@@ -733,8 +733,8 @@ def server_diagnosis(uri: str) -> str | None:
             f"the MLflow server {uri} is up, but its backend store ({database}) is not: {detail}. "
             "Fix: start the database (the team stack: `make stack`), then rerun the stage."
         )
-    if status is None:  # /health answered, a query did not: a server worker that first meets its
-        # database while it is down retries connecting for about 100 s (MLflow's engine retry)
+    if status is None and "timed out" in detail:  # /health answered, a query did not: a server
+        # worker that first meets its database while it is down retries connecting for ~100 s
         return (
             f"the MLflow server {uri} is up, but its backend store does not answer a query ({detail}). "
             "Fix: start the database (the team stack: `make stack`), then rerun the stage."
