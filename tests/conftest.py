@@ -33,9 +33,9 @@ NO_MLFLOW_JOBS = {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
 
 # The longest test files first, so that `make test`'s workers (pytest-xdist, one file per
 # worker, --no-loadscope-reorder keeping this order) start them together rather than end on
-# one of them alone. Measured at 5977501 (seconds
-# of setup + call + teardown under `make test`'s load): stack 811, faults 733, runs 707, flow 556,
-# pipeline 498, experiments 448, faults_tracking 338, serve 227, folder_pipeline 211, train 171.
+# one of them alone. Measured at 5977501 (seconds of setup + call + teardown under `make
+# test`'s load): stack 811, faults 733, runs 707, flow 556, pipeline 498, experiments 448,
+# faults_tracking 338, serve 227, folder_pipeline 211, train 171.
 LONGEST_FIRST = (
     "test_stack.py", "test_faults.py", "test_runs.py", "test_flow.py", "test_pipeline.py",
     "test_experiments.py", "test_faults_tracking.py", "test_serve.py", "test_folder_pipeline.py",
