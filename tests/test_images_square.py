@@ -114,9 +114,9 @@ def test_a_truncated_jpeg_is_refused_with_a_draft_as_without(keep, progressive):
     noise = np.random.default_rng(0).integers(0, 256, (300, 400, 3), dtype=np.uint8)
     data = jpeg(noise, progressive=progressive)
     cut = data[: int(len(data) * keep)]
-    for draft in (0, 113):
+    for options in ({}, {"draft": 113}, {"draft": 113, "square_opaque": True}):
         with pytest.raises(images.ImageError) as refused:
-            images.read(cut, 3, draft=draft)
+            images.read(cut, 3, **options)
         assert refused.value.reason == "corrupt_image" and "truncated" in str(refused.value)
 
 
@@ -170,3 +170,68 @@ def test_squaring_from_pillows_image_gives_the_numpy_paths_pixels(fmt, mode, cha
     fast = images.read(data, channels, draft=size, square_opaque=True).colour
     assert fast.shape == (channels, size, size)
     assert np.array_equal(fast, images.square(images.read(data, channels, draft=size).colour, size))
+
+
+def jpeg_with(segments: list[bytes], array: np.ndarray, **options) -> bytes:
+    """A JPEG of `array` with `segments` (whole marker segments) put in after its start-of-image."""
+    data = jpeg(array, **options)
+    return data[:2] + b"".join(segments) + data[2:]
+
+
+def segment(marker: int, payload: bytes) -> bytes:
+    return bytes([0xFF, marker]) + (len(payload) + 2).to_bytes(2, "big") + payload
+
+
+XMP = b"http://ns.adobe.com/xap/1.0/\x00<x:xmpmeta xmlns:x='adobe:ns:meta/'/>"
+OTHER_SEGMENTS = {  # segments that hold no orientation: the fast path decodes past them
+    "comment": segment(0xFE, b"made by a test"),
+    "icc profile": segment(0xE2, b"ICC_PROFILE\x00\x01\x01" + bytes(128)),
+    "photoshop": segment(0xED, b"Photoshop 3.0\x00" + bytes(16)),
+    "fill bytes": b"\xff\xff" + segment(0xFE, b"after two fill bytes"),
+}
+
+
+@pytest.mark.parametrize("extra", [None, *OTHER_SEGMENTS])
+@pytest.mark.parametrize(
+    "options",
+    [{}, {"progressive": True}, {"subsampling": 0}, {"subsampling": 1}, {"optimize": True, "restart_marker_rows": 2}],
+    ids=["baseline 4:2:0", "progressive", "4:4:4", "4:2:2", "restart markers"],
+)
+@pytest.mark.parametrize("channels, size", [(3, 106), (1, 106), (3, 400), (1, 60)])
+def test_a_plain_jpeg_squares_to_the_general_paths_pixels(extra, options, channels, size):
+    """A JPEG without EXIF or XMP skips Pillow's header parse (`_plain_jpeg`); its pixels must
+    be those of the general path: decoded as drafted, then squared, for every coding, segment
+    and size (400 px is above the stored 375: upscaled from the full decode)."""
+    data = jpeg_with([OTHER_SEGMENTS[extra]] if extra else [], gradient(375, 500), **options)
+    assert not images._has_app1(data)
+    for source in (data, jpeg(gradient(375, 500)[..., 1], **options)):  # colour and gray files
+        fast = images.read(source, channels, draft=size, square_opaque=True)
+        general = images.square(images.read(source, channels, draft=size).colour, size)
+        assert fast.alpha is None and fast.colour.flags.writeable and fast.colour.flags.c_contiguous
+        assert fast.colour.shape == (channels, size, size) and np.array_equal(fast.colour, general)
+
+
+def test_exif_and_xmp_send_a_jpeg_the_general_way():
+    """An orientation lives in APP1 (EXIF or XMP): such a JPEG is turned upright by Pillow."""
+    exif = Image.Exif()
+    exif[0x0112] = 1
+    assert images._has_app1(jpeg(gradient(30, 40), exif=exif.tobytes()))
+    assert images._has_app1(jpeg_with([segment(0xE1, XMP)], gradient(30, 40)))
+    assert images._has_app1(jpeg_with([OTHER_SEGMENTS["comment"], segment(0xE1, XMP)], gradient(30, 40)))
+    assert images._has_app1(b"\xff\xd8not segments")  # left to Pillow to judge
+
+
+def test_a_plain_jpeg_over_the_pixel_limit_is_refused_from_its_header():
+    data = jpeg(gradient(101, 100))
+    with pytest.raises(images.ImageError) as refused:
+        images.read(data, 3, draft=50, square_opaque=True, max_pixels=100 * 100)
+    assert refused.value.reason == "too_many_pixels"
+
+
+@pytest.mark.parametrize("channels", [1, 3])
+def test_a_plain_jpeg_already_at_the_size_is_decoded_as_stored(channels):
+    data = jpeg(gradient(64, 64))
+    fast = images.read(data, channels, draft=64, square_opaque=True).colour
+    assert fast.flags.writeable and np.array_equal(fast, images.read(data, channels, draft=64).colour)
+    if channels == 3:
+        assert np.array_equal(fast, images.read(data, 3).colour)  # Pillow's own decode, too
