@@ -194,7 +194,13 @@ OTHER_SEGMENTS = {  # segments that hold no orientation: the fast path decodes p
 @pytest.mark.parametrize("extra", [None, *OTHER_SEGMENTS])
 @pytest.mark.parametrize(
     "options",
-    [{}, {"progressive": True}, {"subsampling": 0}, {"subsampling": 1}, {"optimize": True, "restart_marker_rows": 2}],
+    [
+        {},
+        {"progressive": True},
+        {"subsampling": 0},
+        {"subsampling": 1},
+        {"optimize": True, "restart_marker_rows": 2},
+    ],
     ids=["baseline 4:2:0", "progressive", "4:4:4", "4:2:2", "restart markers"],
 )
 @pytest.mark.parametrize("channels, size", [(3, 106), (1, 106), (3, 400), (1, 60)])
