@@ -183,15 +183,27 @@ def segment(marker: int, payload: bytes) -> bytes:
 
 
 XMP = b"http://ns.adobe.com/xap/1.0/\x00<x:xmpmeta xmlns:x='adobe:ns:meta/'/>"
-OTHER_SEGMENTS = {  # segments that hold no orientation: the fast path decodes past them
+PLAIN_EXTRAS = {  # segments with nothing for Pillow to act on: the fast path decodes past them
     "comment": segment(0xFE, b"made by a test"),
-    "icc profile": segment(0xE2, b"ICC_PROFILE\x00\x01\x01" + bytes(128)),
-    "photoshop": segment(0xED, b"Photoshop 3.0\x00" + bytes(16)),
     "fill bytes": b"\xff\xff" + segment(0xFE, b"after two fill bytes"),
 }
 
 
-@pytest.mark.parametrize("extra", [None, *OTHER_SEGMENTS])
+def general_path(monkeypatch, data: bytes, channels: int, size: int, **options) -> images.Layers:
+    """What `read(..., square_opaque=True)` gives with the fast path turned off."""
+    with monkeypatch.context() as patched:
+        patched.setattr(images, "_plain_jpeg", lambda *args: None)
+        return images.read(data, channels, draft=size, square_opaque=True, **options)
+
+
+def without_pillows_parse(monkeypatch, data: bytes, channels: int, size: int) -> images.Layers:
+    """`read(..., square_opaque=True)` with Pillow's `Image.open` refusing to run: the fast path."""
+    with monkeypatch.context() as patched:
+        patched.setattr(images.Image, "open", lambda *args, **kwargs: pytest.fail("Pillow parsed it"))
+        return images.read(data, channels, draft=size, square_opaque=True)
+
+
+@pytest.mark.parametrize("extra", [None, *PLAIN_EXTRAS])
 @pytest.mark.parametrize(
     "options",
     [
@@ -204,27 +216,85 @@ OTHER_SEGMENTS = {  # segments that hold no orientation: the fast path decodes p
     ids=["baseline 4:2:0", "progressive", "4:4:4", "4:2:2", "restart markers"],
 )
 @pytest.mark.parametrize("channels, size", [(3, 106), (1, 106), (3, 400), (1, 60)])
-def test_a_plain_jpeg_squares_to_the_general_paths_pixels(extra, options, channels, size):
-    """A JPEG without EXIF or XMP skips Pillow's header parse (`_plain_jpeg`); its pixels must
-    be those of the general path: decoded as drafted, then squared, for every coding, segment
-    and size (400 px is above the stored 375: upscaled from the full decode)."""
-    data = jpeg_with([OTHER_SEGMENTS[extra]] if extra else [], gradient(375, 500), **options)
-    assert not images._has_app1(data)
+def test_a_plain_jpeg_skips_pillows_parse_for_the_general_paths_pixels(
+    monkeypatch, extra, options, channels, size
+):
+    """A JPEG with a plain header is decoded without Pillow's header parse (`_plain_jpeg`); its
+    pixels must be the general path's, for these codings, extra segments and sizes (400 px is
+    above the stored 375: upscaled from the full decode)."""
+    data = jpeg_with([PLAIN_EXTRAS[extra]] if extra else [], gradient(375, 500), **options)
     for source in (data, jpeg(gradient(375, 500)[..., 1], **options)):  # colour and gray files
-        fast = images.read(source, channels, draft=size, square_opaque=True)
-        general = images.square(images.read(source, channels, draft=size).colour, size)
+        fast = without_pillows_parse(monkeypatch, source, channels, size)
+        general = general_path(monkeypatch, source, channels, size).colour
         assert fast.alpha is None and fast.colour.flags.writeable and fast.colour.flags.c_contiguous
         assert fast.colour.shape == (channels, size, size) and np.array_equal(fast.colour, general)
 
 
-def test_exif_and_xmp_send_a_jpeg_the_general_way():
-    """An orientation lives in APP1 (EXIF or XMP): such a JPEG is turned upright by Pillow."""
+def oriented(orientation: int) -> bytes:
     exif = Image.Exif()
-    exif[0x0112] = 1
-    assert images._has_app1(jpeg(gradient(30, 40), exif=exif.tobytes()))
-    assert images._has_app1(jpeg_with([segment(0xE1, XMP)], gradient(30, 40)))
-    assert images._has_app1(jpeg_with([OTHER_SEGMENTS["comment"], segment(0xE1, XMP)], gradient(30, 40)))
-    assert images._has_app1(b"\xff\xd8not segments")  # left to Pillow to judge
+    exif[0x0112] = orientation
+    return segment(0xE1, b"Exif\x00\x00" + exif.tobytes())
+
+
+def icc_profile(payload: bytes) -> bytes:
+    return segment(0xE2, b"ICC_PROFILE\x00" + payload)
+
+
+NOT_PLAIN = {  # what sends a JPEG Pillow's way, with what Pillow would do with it
+    "EXIF orientation 6": [oriented(6)],
+    "XMP": [segment(0xE1, XMP)],
+    "EXIF after a comment": [PLAIN_EXTRAS["comment"], oriented(3)],
+    # a parameterless marker in the header: its next two bytes are a marker, not a length;
+    # read as a length, they would jump over the EXIF that follows
+    "EXIF after a restart marker": [b"\xff\xd0", oriented(6)],
+    "EXIF after TEM": [b"\xff\x01", oriented(8)],
+    "an ICC profile": [icc_profile(b"\x01\x01" + bytes(128))],
+    "an ICC segment too short for Pillow": [icc_profile(b"")],
+    "an Adobe segment too short for Pillow": [segment(0xEE, b"Adobe")],
+    "an Adobe segment (RGB-coded, CMYK)": [segment(0xEE, b"Adobe\x00\x64\x00\x00\x00\x00\x01")],
+    "a Photoshop segment Pillow cannot parse": [segment(0xED, b"Photoshop 3.0\x008BIM\x03\xed")],
+    "a JFIF segment too short for Pillow": [segment(0xE0, b"JFIF\x00\x01")],
+}
+
+
+@pytest.mark.parametrize("segments", NOT_PLAIN.values(), ids=NOT_PLAIN.keys())
+def test_a_jpeg_with_more_in_its_header_is_read_the_general_way(monkeypatch, segments):
+    """Orientation (EXIF, XMP), colour profiles, Adobe and Photoshop segments, and whatever
+    Pillow's parser refuses: the same pixels, turned upright, or the same error, as without
+    the fast path."""
+    data = jpeg_with(segments, gradient(48, 64))
+    assert not images._plain_header(data)
+    try:
+        expected = general_path(monkeypatch, data, 3, 32).colour
+    except images.ImageError as refused:
+        with pytest.raises(images.ImageError) as also:
+            images.read(data, 3, draft=32, square_opaque=True)
+        assert (also.value.reason, str(also.value)) == (refused.reason, str(refused))
+        return
+    got = images.read(data, 3, draft=32, square_opaque=True).colour
+    assert np.array_equal(got, expected)
+
+
+def test_an_exif_orientation_still_turns_a_squared_jpeg_upright():
+    """Orientation 6 (turn 90° clockwise): the stored image's left column is the top row."""
+    data = jpeg_with([oriented(6)], gradient(48, 64))
+    upright = images.read(data, 3, draft=32, square_opaque=True).colour
+    assert upright[0, 2, 16] < 64 < upright[0, 29, 16]  # red, growing to the right as stored, grows downwards
+
+
+def test_a_header_that_is_not_a_chain_of_segments_is_not_plain():
+    assert not images._plain_header(b"\xff\xd8not segments")
+    assert not images._plain_header(b"\xff\xd8" + segment(0xFE, b"x")[:3])  # cut inside a segment
+    assert not images._plain_header(b"\xff\xd8\xff\xfe\x00\x01\xff\xda")  # a length under 2
+    assert images._plain_header(jpeg(gradient(8, 8)))
+
+
+def test_a_jpeg_over_pillows_own_pixel_limit_gets_pillows_error(monkeypatch):
+    data = jpeg(gradient(48, 64))
+    monkeypatch.setattr(images.Image, "MAX_IMAGE_PIXELS", 1000)  # a bomb: over twice the limit
+    with pytest.raises(images.ImageError) as refused:
+        images.read(data, 3, draft=32, square_opaque=True)
+    assert refused.value.reason == "too_many_pixels" and "exceeds limit" in str(refused.value)
 
 
 def test_a_plain_jpeg_over_the_pixel_limit_is_refused_from_its_header():
